@@ -1,0 +1,971 @@
+"""
+The eight reasoning perspectives of MIND, the training-data format, and the teachers that write it.
+
+    python perspectives.py --teacher synthetic --n 2000 --out data/synth
+    python perspectives.py --teacher openai:http://localhost:8000/v1#Qwen2.5-72B-Instruct
+        --data ../shared/data/gsm8k_train_questions.jsonl --out data/gsm8k_mind.jsonl
+    python perspectives.py --teacher hf:Qwen/Qwen2.5-7B-Instruct --data questions.jsonl --out data/mind.jsonl
+
+A real teacher -- hf: a local transformers model, openai: any chat-completions server (vLLM, SGLang, OpenAI,
+DeepSeek; key from $OPENAI_API_KEY) -- writes every question's eight rationales; the judge keeps a rationale only if
+its answer is the gold one (eval.py's graders) and rewrites its last line as `The answer is X.`. OUT gets one line per
+kept question as soon as it is judged; OUT.dropped.jsonl the questions the judge dropped; OUT.stats.json acceptance
+rates, requests and tokens. Rerunning the same command resumes where a killed run stopped. --dry-run counts the
+requests and tokens first.
+
+The synthetic teacher writes data/synth/{train,test_id,test_ood}.jsonl: seeded arithmetic word problems with one
+rationale per perspective, an in-distribution test split, and a harder out-of-distribution split
+(one more step, and question sentences the student never saw).
+
+Every rationale ends with the canonical final line `The answer is X.` so that the answer span is
+the same token sequence under every perspective (the consistency loss relies on it).
+"""
+import argparse
+import email.utils
+import http.client
+import json
+import os
+import queue
+import random
+import re
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+
+from tqdm import tqdm
+
+from eval import (FINAL_PREFIX, extract_answer, generate, is_correct, load_model, read_rows, split_final_line,
+                  to_example)
+
+# -----------------------------------------------------------------------------
+# The eight perspectives (names are the paper's; instructions are what the teacher is asked to do)
+
+
+@dataclass(frozen=True)
+class Perspective:
+    key: str  # snake_case, used in data files and code
+    name: str  # as the paper writes it
+    instruction: str  # one line the teacher prompt is built from
+
+
+PERSPECTIVES = [
+    Perspective("formal_symbolic", "Formal-Symbolic",
+                "Name the quantities with variables, write equations and derive the result symbolically; no narrative shortcuts."),
+    Perspective("intuitive", "Intuitive",
+                "Reason in everyday language with practical heuristics and analogies to experience; keep notation minimal."),
+    Perspective("decomposition", "Decomposition",
+                "Split the problem into numbered sub-problems, solve them in sequence, then combine the results."),
+    Perspective("planning", "Planning",
+                "First write a short high-level plan, then execute each step of the plan."),
+    Perspective("analogy", "Analogy",
+                "Map the problem to a simpler, structurally similar example, solve that, then transfer the structure back."),
+    Perspective("socratic", "Socratic",
+                "Make progress by asking yourself questions and answering them, one at a time."),
+    Perspective("contrastive", "Contrastive",
+                "Propose candidate approaches or answers, check them, eliminate the wrong ones and keep the right one."),
+    Perspective("counterfactual", "Counterfactual",
+                "Vary a condition of the problem to expose its critical constraints, then reason back to the answer."),
+]
+KEYS = [p.key for p in PERSPECTIVES]
+K = len(KEYS)  # 8
+
+# -----------------------------------------------------------------------------
+# The canonical final line (parsed by eval.py, which owns answer extraction)
+
+
+def final_line(answer: str) -> str:
+    return f"{FINAL_PREFIX} {answer}."
+
+
+def with_final_line(body: str, answer: str) -> str:
+    """Replace (or add) the final line so that it reads exactly `The answer is {answer}.`."""
+    body, _ = split_final_line(body)
+    return f"{body}\n{final_line(answer)}" if body else final_line(answer)
+
+
+def teacher_prompt(question: str, key: str) -> str:
+    """What the teacher model is asked for one (question, perspective)."""
+    p = PERSPECTIVES[KEYS.index(key)]
+    return (f"Solve the problem below using the {p.name} perspective. {p.instruction}\n"
+            f"Be concise. End with exactly one final line of the form \"{FINAL_PREFIX} X.\", where X is only the "
+            f"final answer (a number without units or commas, a choice letter, or yes/no).\n\n"
+            f"Problem: {question}")
+
+
+# -----------------------------------------------------------------------------
+# The training format: one question per JSON line
+#   {"id": ..., "question": ..., "answer": ..., "rationales": {perspective_key: text, ...}}
+
+
+@dataclass
+class Example:
+    id: str
+    question: str
+    answer: str
+    rationales: dict[str, str] = field(default_factory=dict)  # key -> text ending in the final line
+
+    def to_json(self) -> dict:
+        return {"id": self.id, "question": self.question, "answer": self.answer, "rationales": self.rationales}
+
+
+def read_training_jsonl(path: str, require_rationales: bool = True, warn=print) -> list[Example]:
+    """Read the training format; bad lines are reported as `path:line: why` and skipped."""
+    if not os.path.exists(path):
+        raise SystemExit(f"error: {path}: no such file")
+    examples, seen = [], set()
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                warn(f"warning: {where}: skipped, not valid JSON ({e.msg})")
+                continue
+            if not isinstance(row, dict):
+                warn(f"warning: {where}: skipped, not a JSON object")
+                continue
+            question, answer = row.get("question"), row.get("answer")
+            if not isinstance(question, str) or not question.strip():
+                warn(f"warning: {where}: skipped, no question")
+                continue
+            if answer is None or str(answer).strip() == "":
+                warn(f"warning: {where}: skipped, no answer")
+                continue
+            rats = row.get("rationales") or {}
+            if not isinstance(rats, dict):
+                warn(f"warning: {where}: skipped, 'rationales' is not an object")
+                continue
+            unknown = sorted(set(rats) - set(KEYS))
+            if unknown:
+                warn(f"warning: {where}: ignored unknown perspective(s) {unknown}")
+            rats = {k: rats[k] for k in KEYS if isinstance(rats.get(k), str) and rats[k].strip()}
+            if require_rationales and not rats:
+                warn(f"warning: {where}: skipped, no rationale")
+                continue
+            qid = str(row.get("id", f"{os.path.basename(path)}-{lineno}"))
+            if qid in seen:
+                warn(f"warning: {where}: skipped, duplicate id {qid!r}")
+                continue
+            seen.add(qid)
+            examples.append(Example(qid, question.strip(), str(answer).strip(), rats))
+    return examples
+
+
+def write_jsonl(path: str, examples: list[Example]) -> None:
+    """Atomic write: a crash never leaves a half-written file under the final name."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for ex in examples:
+            f.write(json.dumps(ex.to_json(), ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------
+# The synthetic teacher: offline, deterministic, seeded.
+#
+# A problem is a person with a start count of objects and a few events that add or remove some.
+# Numbers are kept to one digit (every running total in 0-9, changes 1-6), so the arithmetic is a table
+# of ~70 facts that a ~1M-parameter student learns in minutes on a CPU; what remains hard is reading
+# the problem: copying the right numbers in the right order. The in-distribution split has 1-2 events; the
+# out-of-distribution split has 3 events and opening/question sentences that training never uses.
+# The eight styles differ the way real ones do: formal/decomposition are short and predictable,
+# analogy and contrastive carry numbers that are not in the problem (an invented example, a wrong
+# candidate), which is harder for a small student to predict.
+
+MAX_VALUE, MAX_CHANGE = 9, 6
+NAMES = {"Tom": "he", "Ann": "she", "Ben": "he", "Mia": "she", "Sam": "he", "Lily": "she", "Max": "he",
+         "Eva": "she", "Leo": "he", "Zoe": "she", "Jack": "he", "Emma": "she", "Noah": "he", "Ella": "she",
+         "Liam": "he", "Ava": "she"}
+OBJECTS = ["apples", "pens", "cards", "stickers", "marbles", "books", "coins", "shells", "stamps",
+           "cookies", "balloons", "rocks"]
+# (sentence in the problem, short phrase inside rationales, its base form for "did not ...")
+GAINS = [("buys {n} more", "buys {n}", "buy"), ("finds {n} more", "finds {n}", "find"),
+         ("gets {n} from {friend}", "gets {n}", "get"), ("picks up {n} more", "picks up {n}", "pick up")]
+LOSSES = [("gives {n} to {friend}", "gives away {n}", "give away"), ("loses {n}", "loses {n}", "lose"),
+          ("sells {n}", "sells {n}", "sell"), ("uses {n}", "uses {n}", "use")]
+OPENINGS_ID = ["{name} has {a} {obj}.", "At first {name} has {a} {obj}."]
+QUESTIONS_ID = ["How many {obj} does {pronoun} have now?", "How many {obj} does {name} have in the end?"]
+OPENINGS_OOD = ["{name} owns a box with {a} {obj} in it."]
+QUESTIONS_OOD = ["What is the number of {obj} {name} ends up with?"]
+
+
+@dataclass
+class Problem:
+    name: str
+    friend: str
+    obj: str
+    start: int
+    events: list[tuple[int, int, int]]  # (sign +1/-1, amount, template index)
+
+    def values(self) -> list[int]:
+        """Running totals: start, after event 1, after event 2, ..."""
+        out = [self.start]
+        for sign, n, _ in self.events:
+            out.append(out[-1] + sign * n)
+        return out
+
+    @property
+    def answer(self) -> int:
+        return self.values()[-1]
+
+    def event_sentence(self, i: int) -> str:
+        sign, n, t = self.events[i]
+        tpl = (GAINS if sign > 0 else LOSSES)[t][0]
+        return tpl.format(n=n, obj=self.obj, friend=self.friend)
+
+    def event_phrase(self, i: int, base: bool = False) -> str:
+        sign, n, t = self.events[i]
+        return (GAINS if sign > 0 else LOSSES)[t][2 if base else 1].format(n=n)
+
+
+def sample_problem(rng: random.Random, steps: int) -> Problem:
+    """Every running total stays in [0, MAX_VALUE], so every number the student writes is one digit."""
+    name, friend = rng.sample(sorted(NAMES), 2)
+    obj = rng.choice(OBJECTS)
+    start = rng.randint(2, MAX_VALUE)
+    events, total = [], start
+    for _ in range(steps):
+        can_gain, can_lose = total < MAX_VALUE, total > 0
+        sign = rng.choice([1, -1]) if can_gain and can_lose else (1 if can_gain else -1)
+        n = rng.randint(1, min(MAX_CHANGE, MAX_VALUE - total if sign > 0 else total))
+        events.append((sign, n, rng.randrange(4)))
+        total += sign * n
+    return Problem(name, friend, obj, start, events)
+
+
+def problem_text(p: Problem, rng: random.Random, ood: bool) -> str:
+    opening = rng.choice(OPENINGS_OOD if ood else OPENINGS_ID)
+    question = rng.choice(QUESTIONS_OOD if ood else QUESTIONS_ID)
+    parts = [opening.format(name=p.name, a=p.start, obj=p.obj)]
+    for i in range(len(p.events)):
+        lead = f"Then {NAMES[p.name]}" if i else NAMES[p.name].capitalize()
+        parts.append(f"{lead} {p.event_sentence(i)}.")
+    parts.append(question.format(name=p.name, obj=p.obj, pronoun=NAMES[p.name]))
+    return " ".join(parts)
+
+
+def _op(sign: int) -> str:
+    return "+" if sign > 0 else "-"
+
+
+def _steps(p: Problem) -> list[str]:
+    """The running computation `a + n = b` once per event."""
+    v = p.values()
+    return [f"{v[i]} {_op(s)} {n} = {v[i + 1]}" for i, (s, n, _) in enumerate(p.events)]
+
+
+def synthetic_rationales(p: Problem, rng: random.Random) -> dict[str, str]:
+    """One rationale per perspective, written programmatically from the problem's trace."""
+    v, steps, obj, ans = p.values(), _steps(p), p.obj, p.answer
+    gains = [n for s, n, _ in p.events if s > 0]
+    losses = [n for s, n, _ in p.events if s < 0]
+    r = {}
+    # formal_symbolic: variables and equations only; the shortest, most regular style
+    r["formal_symbolic"] = "\n".join([f"Let x = {p.start}."] + [f"x = {s}." for s in steps])
+    # intuitive: narrative in everyday words
+    lines = [f"{p.name} starts with {p.start} {obj}."]
+    for i, s in enumerate(steps):
+        lines.append(f"{p.name} {p.event_phrase(i)}, so now {NAMES[p.name]} has {s}.")
+    r["intuitive"] = "\n".join(lines)
+    # decomposition: numbered sub-problems, then combine
+    lines = [f"{i + 1}. After the {'first second third fourth'.split()[i]} change: {s}." for i, s in enumerate(steps)]
+    r["decomposition"] = "\n".join(lines + [f"Combining the parts gives {ans}."])
+    # planning: plan first (gains, then losses), then execute it; a different computation path
+    lines = ["Plan: add all gains to the start, then subtract all losses."]
+    total = p.start
+    for n in gains:
+        lines.append(f"Add {n}: {total} + {n} = {total + n}.")
+        total += n
+    for n in losses:
+        lines.append(f"Subtract {n}: {total} - {n} = {total - n}.")
+        total -= n
+    r["planning"] = "\n".join(lines)
+    # analogy: solve a smaller invented case first (numbers not in the problem), then transfer
+    a0 = rng.randint(1, 5)
+    n0 = rng.randint(1, a0) if p.events[0][0] < 0 else rng.randint(1, 5)
+    toy = f"{a0} {_op(p.events[0][0])} {n0} = {a0 + p.events[0][0] * n0}"
+    r["analogy"] = "\n".join([f"A simpler case: with {a0} {obj}, the first change works like {toy}.",
+                              "The same structure holds here:"] + [f"{s}." for s in steps])
+    # socratic: ask and answer
+    lines = [f"How many {obj} at the start? {p.start}."]
+    for i, s in enumerate(steps):
+        lines.append(f"What happens when {p.name} {p.event_phrase(i)}? {s}.")
+    lines.append(f"How many are left at the end? {ans}.")
+    r["socratic"] = "\n".join(lines)
+    # contrastive: a wrong candidate that adds every number, checked against the right one
+    wrong = p.start + sum(n for _, n, _ in p.events)
+    wrong_expr = " + ".join([str(p.start)] + [str(n) for _, n, _ in p.events])
+    lines = [f"Candidate A adds every number: {wrong_expr} = {wrong}."]
+    if losses:
+        lines.append("But losses lower the count, so A is wrong.")
+    else:
+        lines.append("Every change is a gain, so A could be right; check it step by step.")
+    lines.append("Candidate B goes step by step: " + ", ".join(steps) + ".")
+    lines.append(f"B is right: {ans}.")
+    r["contrastive"] = "\n".join(lines)
+    # counterfactual: remove the last change, then put it back
+    last_n = p.events[-1][1]
+    lines = [f"Suppose {p.name} did not {p.event_phrase(len(steps) - 1, base=True)} the last {last_n}."]
+    lines += [f"Then: {s}." for s in steps[:-1]] or [f"Then there would be {p.start}."]
+    lines.append(f"With that change back in: {steps[-1]}.")
+    r["counterfactual"] = "\n".join(lines)
+    return {k: with_final_line(r[k], str(ans)) for k in KEYS}
+
+
+def synthetic_examples(n: int, seed: int, split: str) -> list[Example]:
+    """`split` is train / test_id (1-2 events) or test_ood (3 events, unseen sentence templates)."""
+    offset = {"train": 0, "test_id": 1, "test_ood": 2}[split]
+    rng = random.Random(f"mind-synthetic-{seed}-{offset}")  # each split its own stream
+    ood = split == "test_ood"
+    out, seen = [], set()
+    while len(out) < n:
+        p = sample_problem(rng, steps=3 if ood else rng.choice([1, 2]))
+        q = problem_text(p, rng, ood)
+        if q in seen:
+            continue
+        seen.add(q)
+        out.append(Example(f"synth-{split}-{seed}-{len(out)}", q, str(p.answer), synthetic_rationales(p, rng)))
+    return out
+
+
+def synthetic_splits(n_train: int, n_test: int, seed: int) -> dict[str, list[Example]]:
+    splits = {s: synthetic_examples(n_train if s == "train" else n_test, seed, s)
+              for s in ("train", "test_id", "test_ood")}
+    # no test question is also a training question (the world is small: 1-step problems repeat)
+    train_q = {ex.question for ex in splits["train"]}
+    splits["test_id"] = [ex for ex in splits["test_id"] if ex.question not in train_q]
+    return splits
+
+
+# -----------------------------------------------------------------------------
+# The teacher pipeline: a real teacher writes the eight rationales of every question; the judge keeps the right ones.
+#
+# --data is read with eval.py's loaders and judged with its graders, so a rationale counts as right exactly when
+# eval.py would grade its answer right. OUT gets one line per kept question, appended and flushed the moment the
+# question is judged; OUT.dropped.jsonl one line per question the judge dropped (with the correct rationales it had),
+# so that a rerun does not pay for it again; OUT.stats.json the counters of the last run. A question on which the
+# teacher failed (retries exhausted) is in neither file, so the next run asks again.
+
+STOP = threading.Event()  # Ctrl-C or a fatal error: worker threads send no new request
+DEMO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "demo_perspectives.jsonl")
+
+
+class TeacherError(Exception):
+    """The teacher refuses every request (bad key, unknown model or URL): fatal, unlike one failing question."""
+
+
+def _sleep(seconds: float) -> None:
+    STOP.wait(seconds)  # a back-off that Ctrl-C cuts short (the tests replace it to record the waits)
+
+
+def approx_tokens(text: str) -> int:
+    return len(text) // 4 + 1  # ~4 characters per token: the dry run, and servers that send no `usage`
+
+
+@dataclass
+class Reply:
+    """One sample of the teacher. text None: no usable answer after every retry, or not sent."""
+    text: str | None
+    attempts: int = 0  # HTTP requests (or generated sequences) behind it; 0: not sent
+    tokens_in: int = 0
+    tokens_out: int = 0
+    error: str = ""
+    truncated: bool = False  # cut off by --max-tokens
+
+
+def load_questions(path: str, limit: int | None = None) -> list[dict]:
+    """{id, question, answer, kind} per row of a questions file in any schema eval.py reads (GSM8K with `####` or a
+    bare answer, SVAMP, MATH, CommonsenseQA, StrategyQA, plain question/answer rows, the training format). The id is
+    the row's own (SVAMP `ID`, MATH `unique_id`, ...) or `<file stem>-<line>`: stable across runs, as resuming needs."""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    out, seen = [], {}
+    for where, row in read_rows(path):
+        q = to_example(row, where, default_id=f"{stem}-{where[len(path):].strip(':[]')}")
+        n = seen[q["id"]] = seen.get(q["id"], 0) + 1
+        if n > 1:  # two rows under one id would resume as one
+            q["id"] = f"{q['id']}#{n}"
+        out.append(q)
+        if limit and len(out) >= limit:
+            break
+    if not out:
+        raise SystemExit(f"error: --data {path}: no questions")
+    return out
+
+
+_THINK_RE = re.compile(r"^\s*<think>.*?</think>\s*", re.DOTALL)
+_CONCLUSION_RE = re.compile(r"answer|####|\\boxed", re.IGNORECASE)
+
+
+def judge(text: str, q: dict, strict: bool = False) -> str | None:
+    """The rationale with its last line rewritten as `The answer is X.` (X the gold answer) if the answer it reaches is
+    right by eval.py's graders (strict: only from a final line `The answer is X.`); None if it is wrong or missing, or
+    if nothing but the answer is left."""
+    text = _THINK_RE.sub("", text).strip()  # a reasoning model's scratchpad is not the rationale
+    if not is_correct(q["kind"], extract_answer(q["kind"], text, strict=strict), q["answer"]):
+        return None
+    lines = text.split("\n")
+    if _CONCLUSION_RE.search(lines[-1]):  # the teacher's own answer line ("**Final answer:** 18", "#### 18") gives way
+        lines.pop()
+    body, _ = split_final_line("\n".join(lines))
+    body = body.strip()
+    return f"{body}\n{final_line(q['answer'])}" if body else None
+
+
+@dataclass
+class OpenAIConfig:
+    url: str  # BASE_URL/chat/completions
+    model: str
+    temperature: float
+    max_tokens: int
+    timeout: float
+    retries: int
+    backoff: float
+    max_backoff: float
+    api_key: str = field(default="", repr=False)  # never printed
+
+
+RETRY_STATUS = {408, 409, 425, 429}  # and every 5xx
+MAX_RETRY_AFTER = 600.0  # a server asking for more is waited on for this long, then asked again
+
+
+def retry_after(value: str | None) -> float | None:
+    """The seconds a 429 / 503 asks to wait: `Retry-After: 7` or an HTTP date."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+def _error_body(e: urllib.error.HTTPError) -> str:
+    try:
+        return e.read()[:200].decode("utf-8", "replace").strip()
+    except Exception:  # noqa: BLE001 - the status code is what matters; the body is only a hint
+        return ""
+
+
+def chat_completion(cfg: OpenAIConfig, prompt: str) -> Reply:
+    """One sample through the chat-completions API. Connection errors, timeouts, 429, 5xx and malformed responses are
+    retried cfg.retries times after an exponential back-off with jitter (at least Retry-After when the server sends
+    one); any other 4xx fails the sample; 401 / 403 / 404 raise TeacherError, as every request would get them."""
+    body = json.dumps({"model": cfg.model, "messages": [{"role": "user", "content": prompt}],
+                       "temperature": cfg.temperature, "max_tokens": cfg.max_tokens}).encode()
+    headers = {"Content-Type": "application/json"}
+    if cfg.api_key:
+        headers["Authorization"] = f"Bearer {cfg.api_key}"
+    error, attempt = "", 0
+    while True:
+        attempt += 1
+        wait, raw = None, b""
+        try:
+            req = urllib.request.Request(cfg.url, data=body, headers=headers, method="POST")
+            with urllib.request.urlopen(req, timeout=cfg.timeout) as resp:
+                raw = resp.read()
+            data = json.loads(raw)
+            choice = data["choices"][0]
+            text = choice["message"]["content"]
+            if not isinstance(text, str):
+                raise TypeError(f"content is {type(text).__name__}")
+            usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+            return Reply(text, attempt, int(usage.get("prompt_tokens") or approx_tokens(prompt)),
+                         int(usage.get("completion_tokens") or approx_tokens(text)),
+                         truncated=choice.get("finish_reason") == "length")
+        except urllib.error.HTTPError as e:  # before OSError: it is one
+            detail = _error_body(e)
+            if e.code in (401, 403, 404):
+                hint = ("check $OPENAI_API_KEY" if e.code in (401, 403)
+                        else "check BASE_URL (it usually ends in /v1) and MODEL")
+                raise TeacherError(f"{cfg.url}: HTTP {e.code} {e.reason} ({hint}) {detail}".strip())
+            if e.code not in RETRY_STATUS and e.code < 500:  # e.g. 400 prompt too long: asking again cannot help
+                return Reply(None, attempt, error=f"HTTP {e.code} {detail}".strip())
+            error, wait = f"HTTP {e.code}", retry_after((e.headers or {}).get("Retry-After"))
+        except (ValueError, LookupError, TypeError) as e:  # not JSON, or not the chat-completions shape
+            error = f"malformed response ({type(e).__name__}: {raw[:60]!r})"
+        except (OSError, http.client.HTTPException) as e:  # refused, reset, timed out (URLError is an OSError)
+            error = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+        if attempt > cfg.retries or STOP.is_set():
+            return Reply(None, attempt, error=error)
+        base = min(cfg.max_backoff, cfg.backoff * 2 ** (attempt - 1))
+        jitter = random.uniform(0, base / 2)  # concurrent workers that failed together do not retry together
+        _sleep((min(wait, MAX_RETRY_AFTER) if wait is not None else base / 2) + jitter)
+
+
+def openai_backend(base_url: str, model: str, args):
+    """complete(prompts) -> replies, one request at a time: the caller runs --concurrency of these in threads, so
+    exactly that many requests are in flight. After a failed sample the question is lost anyway, so the rest of its
+    prompts are not sent."""
+    cfg = OpenAIConfig(base_url.rstrip("/") + "/chat/completions", model, args.temperature, args.max_tokens,
+                       args.timeout, args.retries, args.backoff, args.max_backoff, os.environ.get("OPENAI_API_KEY", ""))
+
+    def complete(prompts: list[str]) -> list[Reply]:
+        replies = []
+        for p in prompts:
+            if STOP.is_set() or (replies and replies[-1].text is None):
+                replies.append(Reply(None, error="not sent"))
+            else:
+                replies.append(chat_completion(cfg, p))
+        return replies
+    return complete
+
+
+def hf_backend(path: str, args):
+    """complete(prompts) -> replies by batched generation (eval.generate) with the model's chat template."""
+    import torch
+    device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32, "float32": torch.float32,
+             "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    try:
+        model, tok = load_model(path, device, dtype)
+    except OSError as e:
+        raise SystemExit(f"error: --teacher hf:{path}: cannot load it ({e})")
+    torch.manual_seed(args.seed)
+    n_tokens = lambda t: len(tok(t, add_special_tokens=False)["input_ids"])  # noqa: E731
+
+    def complete(prompts: list[str]) -> list[Reply]:
+        texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+                 if getattr(tok, "chat_template", None) else p + "\n" for p in prompts]
+        try:
+            outs = generate(model, tok, texts, args.max_tokens, args.batch_size, progress=False,
+                            temperature=args.temperature)
+        except torch.OutOfMemoryError:
+            raise SystemExit(f"error: --teacher hf:{path}: out of memory; lower --batch-size ({args.batch_size}) "
+                             f"or --max-tokens ({args.max_tokens})")
+        replies = [Reply(o, 1, n_tokens(t), n_tokens(o)) for t, o in zip(texts, outs)]
+        for r in replies:
+            r.truncated = r.tokens_out >= args.max_tokens  # no stop token within the budget
+        return replies
+    return complete
+
+
+@dataclass
+class Outcome:
+    """What the teacher and the judge made of one question."""
+    q: dict  # {id, question, answer, kind}
+    rationales: dict[str, str] = field(default_factory=dict)  # perspective -> its first correct sample, canonical
+    samples: dict[str, int] = field(default_factory=dict)  # perspective -> samples judged
+    easy: bool = False  # every perspective right on its first sample
+    failed: str = ""  # why some sample got no usable answer; such a question is not written
+    requests: int = 0
+    retries: int = 0
+    truncated: int = 0  # samples cut off by --max-tokens (judged wrong)
+    tokens_in: int = 0
+    tokens_out: int = 0
+
+
+def solve(qs: list[dict], complete, n_samples: int, strict: bool = False) -> list[Outcome]:
+    """Sampling rounds for a group of questions: round r asks once more for every perspective that has no correct
+    rationale yet, so --samples-per-perspective N costs more than one request only where the teacher was wrong."""
+    outs = [Outcome(q) for q in qs]
+    for r in range(n_samples):
+        todo = [(o, k) for o in outs if not o.failed for k in KEYS if k not in o.rationales]
+        if not todo or STOP.is_set():
+            break
+        replies = complete([teacher_prompt(o.q["question"], k) for o, k in todo])
+        for (o, k), rep in zip(todo, replies):
+            o.requests += rep.attempts > 0
+            o.retries += max(0, rep.attempts - 1)
+            o.tokens_in += rep.tokens_in
+            o.tokens_out += rep.tokens_out
+            if rep.text is None:
+                o.failed = o.failed or f"{k}: {rep.error}"
+                continue
+            o.samples[k] = o.samples.get(k, 0) + 1
+            o.truncated += rep.truncated
+            # a cut-off rationale has no conclusion: the last number in it is not its answer
+            good = None if rep.truncated else judge(rep.text, o.q, strict)
+            if good is not None:
+                o.rationales[k] = good
+        if r == 0:
+            for o in outs:
+                o.easy = len(o.rationales) == K
+    if STOP.is_set():  # cut short: what it has is not what an uninterrupted run would have written
+        for o in outs:
+            o.failed = o.failed or "interrupted"
+    return outs
+
+
+def verdict(o: Outcome, min_perspectives: int, keep_easy: float, seed: int) -> str:
+    """kept, failed, too_few (perspectives with a correct rationale) or easy (downsampled)."""
+    if o.failed:
+        return "failed"
+    if len(o.rationales) < min_perspectives:
+        return "too_few"
+    # one draw per question id, so a rerun (or a resumed run) makes the same choice whatever the order
+    if o.easy and random.Random(f"keep-easy:{seed}:{o.q['id']}").random() >= keep_easy:
+        return "easy"
+    return "kept"
+
+
+def solve_all(groups: list[list[dict]], solve_group, workers: int):
+    """Each group's outcomes as it finishes. With workers > 1 the groups run in daemon threads, so that Ctrl-C does
+    not wait for the requests in flight; an exception in a worker is raised here."""
+    if workers == 1:
+        for g in groups:
+            yield solve_group(g)
+        return
+    jobs, results = queue.Queue(), queue.Queue()
+    for g in groups:
+        jobs.put(g)
+
+    def work():
+        while not STOP.is_set():
+            try:
+                g = jobs.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                results.put((solve_group(g), None))
+            except BaseException as e:  # noqa: BLE001 - handed to the main thread
+                STOP.set()  # before the main thread sees it: no worker takes another question
+                results.put((None, e))
+
+    for _ in range(min(workers, len(groups))):
+        threading.Thread(target=work, daemon=True).start()
+    for _ in range(len(groups)):
+        while True:
+            try:
+                outs, err = results.get(timeout=0.5)  # a timeout keeps the main thread responsive to Ctrl-C
+                break
+            except queue.Empty:
+                continue
+        if err is not None:
+            raise err
+        yield outs
+
+
+def resume_ids(path: str, need: str, repair: bool, warn=print) -> set[str]:
+    """The ids already in an output file of an earlier run. A last line without its newline is what a killed run left
+    half written: with repair it is moved to PATH.partial (nothing is lost) and cut from PATH, so its question is
+    generated again and the file holds complete lines only. `need` is a key every line of this file has; a file
+    without it is refused rather than appended to."""
+    if not os.path.exists(path):
+        return set()
+    with open(path, "rb") as f:
+        data = f.read()
+    end = data.rfind(b"\n") + 1
+    tail = data[end:]
+    if tail.strip():
+        try:
+            row = json.loads(tail)
+            whole = isinstance(row, dict) and "id" in row and need in row
+        except ValueError:
+            whole = False
+        if whole:  # only the newline is missing
+            data += b"\n"
+            if repair:
+                with open(path, "ab") as f:
+                    f.write(b"\n")
+        else:
+            data = data[:end]
+            if repair:
+                with open(path + ".partial", "ab") as f:
+                    f.write(tail + b"\n")
+                os.truncate(path, end)
+                lineno = data.count(b"\n") + 1
+                warn(f"note: {path}:{lineno}: a partial line from an interrupted run ({len(tail)} "
+                     f"bytes) moved to {path}.partial; its question is generated again")
+    ids = set()
+    for lineno, line in enumerate(data.decode("utf-8", "replace").split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            warn(f"warning: {path}:{lineno}: not valid JSON; ignored")
+            continue
+        if not isinstance(row, dict) or "id" not in row or need not in row:
+            raise SystemExit(f"error: {path}:{lineno}: not a line of this program's output (no 'id' or '{need}'); "
+                             f"is --out the right file?")
+        ids.add(str(row["id"]))
+    return ids
+
+
+def lock_output(f, path: str) -> None:
+    """Two runs appending to one file would write questions twice."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; do not run two at once
+        return
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        raise SystemExit(f"error: --out {path}: another run is writing it")
+
+
+def demo_tokens_per_rationale() -> int | None:
+    """Mean length of the shipped demo's rationales (a real teacher's), in approx_tokens: the dry run's typical case."""
+    if not os.path.exists(DEMO):
+        return None
+    exs = read_training_jsonl(DEMO, warn=lambda *_: None)
+    lens = [approx_tokens(r) for e in exs for r in e.rationales.values()]
+    return round(sum(lens) / len(lens)) if lens else None
+
+
+def dry_run(questions: list[dict], todo: list[dict], args) -> dict:
+    n, N = len(todo) * K, args.samples_per_perspective
+    tokens_in = sum(approx_tokens(teacher_prompt(q["question"], k)) for q in todo for k in KEYS)
+    typical = demo_tokens_per_rationale()
+    print(f"dry run: {len(todo)} of {len(questions)} questions to generate "
+          f"({len(questions) - len(todo)} already in {args.out} or its .dropped.jsonl); the teacher is not called")
+    print(f"requests:   {n:,}" + (f" (up to {n * N:,} if samples keep being wrong)" if N > 1 else ""))
+    print(f"tokens in:  ~{tokens_in:,}" + (f" (up to ~{tokens_in * N:,})" if N > 1 else "") +
+          " (~4 characters per token, chat template not counted)")
+    print("tokens out: " + (f"~{n * typical:,} at ~{typical} per rationale (the mean of {os.path.relpath(DEMO)}), "
+                            if typical else "")
+          + f"at most {n * N * args.max_tokens:,} (--max-tokens {args.max_tokens})")
+    return {"todo": len(todo), "requests": n, "max_requests": n * N, "tokens_in": tokens_in,
+            "tokens_out_typical": n * typical if typical else None, "tokens_out_max": n * N * args.max_tokens}
+
+
+def run_teacher(args, backend: str, target: str, model: str) -> dict:
+    """Generate, judge and append every question of --data not yet in --out; save and return the run's stats."""
+    t0 = time.time()
+    STOP.clear()
+    questions = load_questions(args.data, args.limit)
+    out, dropped_path, stats_path = args.out, args.out + ".dropped.jsonl", args.out + ".stats.json"
+    if os.path.isdir(out):
+        raise SystemExit(f"error: --out {out}: is a directory; the hf:/openai: teachers write one JSONL file")
+    if os.path.exists(out) and os.path.samefile(out, args.data):
+        raise SystemExit(f"error: --out {out} is the --data file")
+    warn = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+    if args.dry_run:
+        done = resume_ids(out, "rationales", False, warn) | resume_ids(dropped_path, "reason", False, warn)
+        return dry_run(questions, [q for q in questions if q["id"] not in done], args)
+
+    # the model is loaded (and a wrong path reported) before any output file is touched
+    complete = openai_backend(target, model, args) if backend == "openai" else hf_backend(target, args)
+    workers, group = (args.concurrency, 1) if backend == "openai" else (1, args.batch_size)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    f_out = open(out, "a", encoding="utf-8")
+    f_drop = None
+    try:
+        lock_output(f_out, out)
+        done = resume_ids(out, "rationales", True, warn) | resume_ids(dropped_path, "reason", True, warn)
+        f_drop = open(dropped_path, "a", encoding="utf-8")
+        todo = [q for q in questions if q["id"] not in done]
+        groups = [todo[i:i + group] for i in range(0, len(todo), group)]
+        counts = dict.fromkeys(("kept", "too_few", "easy", "failed"), 0)
+        tot = dict.fromkeys(("requests", "retries", "truncated", "tokens_in", "tokens_out"), 0)
+        per = {k: {"samples": 0, "correct": 0} for k in KEYS}
+        status, in_a_row = "finished", 0
+        bar = tqdm(total=len(todo), desc="teacher", unit="q", disable=args.no_progress, file=sys.stderr)
+        try:
+            solve_group = lambda g: solve(g, complete, args.samples_per_perspective, args.strict_judge)  # noqa: E731
+            for outs in solve_all(groups, solve_group, workers):
+                for o in outs:
+                    v = verdict(o, args.min_perspectives, args.keep_easy, args.seed)
+                    counts[v] += 1
+                    in_a_row = in_a_row + 1 if v == "failed" else 0
+                    for name in tot:
+                        tot[name] += getattr(o, name)
+                    for k, n in o.samples.items():
+                        per[k]["samples"] += n
+                        per[k]["correct"] += k in o.rationales
+                    rats = {k: o.rationales[k] for k in KEYS if k in o.rationales}
+                    if v == "kept":
+                        ex = Example(o.q["id"], o.q["question"], o.q["answer"], rats)
+                        f_out.write(json.dumps(ex.to_json(), ensure_ascii=False) + "\n")
+                        f_out.flush()
+                    elif v == "failed":
+                        tqdm.write(f"warning: {o.q['id']}: the teacher failed ({o.failed}); not written, a rerun "
+                                   f"asks again", file=sys.stderr)
+                    else:
+                        f_drop.write(json.dumps({"id": o.q["id"], "reason": v, "easy": o.easy, "rationales": rats},
+                                                ensure_ascii=False) + "\n")
+                        f_drop.flush()
+                bar.update(len(outs))
+                if args.max_consecutive_failures and in_a_row >= args.max_consecutive_failures:
+                    # a teacher that is down is not one bad question: stop instead of failing the whole file slowly
+                    raise TeacherError(f"failed on {in_a_row} questions in a row (last: {o.failed}); is it up? "
+                                       f"Rerun the same command to continue")
+                bar.set_postfix(kept=counts["kept"], dropped=counts["too_few"] + counts["easy"],
+                                failed=counts["failed"], retries=tot["retries"], refresh=False)
+        except KeyboardInterrupt:
+            STOP.set()
+            status = "interrupted"
+        except TeacherError as e:
+            STOP.set()
+            status = f"error: --teacher {args.teacher}: {e}"
+        finally:
+            bar.close()
+    finally:
+        f_out.close()
+        if f_drop:
+            f_drop.close()
+
+    stats = {"teacher": args.teacher, "data": args.data, "out": out, "status": status,
+             "questions": len(questions), "already_done": len(questions) - len(todo), "todo": len(todo),
+             "kept": counts["kept"], "dropped": counts["too_few"] + counts["easy"],
+             "dropped_too_few_perspectives": counts["too_few"], "dropped_easy": counts["easy"],
+             "failed": counts["failed"], "not_reached": len(todo) - sum(counts.values()),
+             **tot, "wall_time_s": round(time.time() - t0, 3),
+             "acceptance": {k: {**v, "rate": round(v["correct"] / v["samples"], 4) if v["samples"] else None}
+                            for k, v in per.items()},
+             "settings": {n: getattr(args, n) for n in ("samples_per_perspective", "min_perspectives", "keep_easy",
+                                                        "strict_judge", "temperature", "max_tokens", "seed")}}
+    with open(stats_path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(stats, f, indent=2)
+    os.replace(stats_path + ".tmp", stats_path)
+    print(f"{status}: kept {stats['kept']}, dropped {stats['dropped']} ({counts['too_few']} with fewer than "
+          f"{args.min_perspectives} correct perspectives, {counts['easy']} easy), failed {stats['failed']}"
+          + (f", not reached {stats['not_reached']}" if stats["not_reached"] else "")
+          + f" of {len(todo)} questions ({stats['already_done']} done before)")
+    print(f"requests {tot['requests']:,}, retries {tot['retries']:,}, tokens in {tot['tokens_in']:,} / out "
+          f"{tot['tokens_out']:,}, {stats['wall_time_s']:.1f} s")
+    if tot["truncated"]:
+        print(f"{tot['truncated']} samples were cut off by --max-tokens {args.max_tokens} and judged wrong; "
+              f"consider a larger --max-tokens", file=sys.stderr)
+    print("acceptance: " + ", ".join(f"{k} {v['rate']:.0%}" if v["rate"] is not None else f"{k} -"
+                                     for k, v in stats["acceptance"].items()))
+    print(f"wrote {out}, {dropped_path}, {stats_path}")
+    if stats["failed"] or status == "interrupted":
+        print("rerun the same command to ask again for the questions not written", file=sys.stderr)
+    if status.startswith("error"):
+        raise SystemExit(status)
+    if status == "interrupted":
+        raise SystemExit(130)
+    return stats
+
+
+# -----------------------------------------------------------------------------
+# CLI
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows the module docstring as written and every flag's default."""
+
+
+def parse_teacher(spec: str) -> tuple[str, str, str]:
+    """'synthetic' | 'hf:NAME_OR_PATH' | 'openai:BASE_URL#MODEL' -> (backend, target, model)."""
+    if spec == "synthetic":
+        return "synthetic", "", ""
+    backend, _, rest = spec.partition(":")
+    if backend == "hf" and rest:
+        return "hf", rest, rest
+    if backend == "openai":
+        url, _, model = rest.rpartition("#")
+        if not url or not model:
+            raise ValueError(f"--teacher {spec}: expected openai:BASE_URL#MODEL, e.g. "
+                             f"openai:http://localhost:8000/v1#Qwen2.5-72B-Instruct")
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"--teacher {spec}: BASE_URL must start with http:// or https://")
+        return "openai", url, model
+    raise ValueError(f"--teacher {spec}: expected synthetic, hf:NAME_OR_PATH or openai:BASE_URL#MODEL")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    g = ap.add_argument_group("teacher")
+    g.add_argument("--teacher", default="synthetic",
+                   help="synthetic (the offline arithmetic world), hf:NAME_OR_PATH (a local transformers model) or "
+                        "openai:BASE_URL#MODEL (a chat-completions server: vLLM, SGLang, OpenAI, DeepSeek; the key, "
+                        "if any, from $OPENAI_API_KEY)")
+    g.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of the teacher (0: greedy)")
+    g.add_argument("--max-tokens", type=int, default=1024, help="longest rationale the teacher may write, in tokens")
+    g.add_argument("--samples-per-perspective", type=int, default=1, metavar="N",
+                   help="samples per question and perspective at most: another is asked for only while every "
+                        "earlier one was wrong")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seed of the synthetic world, of hf: sampling and of the --keep-easy draws")
+    g = ap.add_argument_group("openai: backend")
+    g.add_argument("--concurrency", type=int, default=8, help="requests in flight (one question per worker)")
+    g.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for one response")
+    g.add_argument("--retries", type=int, default=6,
+                   help="extra attempts of a request after a connection error, timeout, 429, 5xx or malformed response")
+    g.add_argument("--backoff", type=float, default=1.0,
+                   help="first back-off in seconds, doubling at each retry, with jitter; at least Retry-After when "
+                        "the server sends one")
+    g.add_argument("--max-backoff", type=float, default=60.0, help="longest back-off in seconds (Retry-After aside)")
+    g.add_argument("--max-consecutive-failures", type=int, default=20,
+                   help="stop the run when this many questions in a row failed after all retries (0: never)")
+    g = ap.add_argument_group("hf: backend")
+    g.add_argument("--batch-size", type=int, default=16,
+                   help="sequences generated together; OUT is appended to after every BATCH_SIZE questions")
+    g.add_argument("--device", default="auto", help="torch device (auto: cuda if available, else cpu)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights dtype (auto: bfloat16 on CUDA, float32 on CPU)")
+    g = ap.add_argument_group("judge")
+    g.add_argument("--min-perspectives", type=int, default=K, metavar="M",
+                   help="drop a question with fewer than M perspectives answered right (the paper keeps all eight)")
+    g.add_argument("--keep-easy", type=float, default=1.0, metavar="P",
+                   help="keep a question whose eight first samples were all right with probability P (difficulty-"
+                        "aware downsampling; one seeded draw per question id)")
+    g.add_argument("--strict-judge", action="store_true",
+                   help="read the answer only from a final line 'The answer is X.' (otherwise also the last "
+                        "\\boxed{}, 'answer: X', or the last number / letter / yes-no, as eval.py's flexible grading)")
+    g = ap.add_argument_group("data (hf: and openai: teachers)")
+    g.add_argument("--data", default=None,
+                   help="questions (JSONL, JSON list or CSV) in the schema of GSM8K, SVAMP, MATH-500, CommonsenseQA, "
+                        "StrategyQA, or plain question/answer rows")
+    g.add_argument("--limit", type=int, default=None, help="only the first N questions of --data")
+    g = ap.add_argument_group("synthetic world")
+    g.add_argument("--n", type=int, default=2000, help="number of training questions")
+    g.add_argument("--n-test", type=int, default=300, help="questions in each of test_id and test_ood")
+    g = ap.add_argument_group("output")
+    g.add_argument("--out", required=True,
+                   help="synthetic: output directory for train/test_id/test_ood.jsonl; hf:/openai: the training "
+                        "JSONL, appended to (rerun to resume), with OUT.dropped.jsonl and OUT.stats.json beside it")
+    g.add_argument("--dry-run", action="store_true",
+                   help="print the number of requests and a token estimate without calling the teacher")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar (for logs and CI)")
+    return ap
+
+
+def main(argv=None):
+    """Returns the run's stats for the hf:/openai: teachers (None for the synthetic one)."""
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    try:
+        backend, target, model = parse_teacher(args.teacher)
+    except ValueError as e:
+        ap.error(str(e))
+
+    if backend == "synthetic":
+        if args.data:
+            ap.error("--data is for the hf: and openai: teachers; the synthetic teacher writes its own questions")
+        if args.n < 1 or args.n_test < 1:
+            ap.error("--n and --n-test must be positive")
+        splits = synthetic_splits(args.n, args.n_test, args.seed)
+        for name, exs in splits.items():
+            path = os.path.join(args.out, f"{name}.jsonl")
+            write_jsonl(path, exs)
+            print(f"wrote {len(exs)} questions to {path}")
+        return None
+
+    if not args.data:
+        ap.error(f"--teacher {args.teacher} needs --data QUESTIONS.jsonl")
+    if not os.path.isfile(args.data):
+        ap.error(f"--data {args.data}: no such file")
+    for name in ("max_tokens", "samples_per_perspective", "concurrency", "batch_size", "limit"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            ap.error(f"--{name.replace('_', '-')} {v}: must be >= 1")
+    for name in ("temperature", "retries", "backoff", "max_backoff", "max_consecutive_failures"):
+        if getattr(args, name) < 0:
+            ap.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 0")
+    if args.timeout <= 0:
+        ap.error(f"--timeout {args.timeout}: must be > 0")
+    if not 1 <= args.min_perspectives <= K:
+        ap.error(f"--min-perspectives {args.min_perspectives}: must be in 1..{K}")
+    if not 0 <= args.keep_easy <= 1:
+        ap.error(f"--keep-easy {args.keep_easy}: must be in [0, 1]")
+    if args.samples_per_perspective > 1 and args.temperature == 0:
+        print("warning: --samples-per-perspective > 1 with --temperature 0: a greedy teacher repeats its samples",
+              file=sys.stderr)
+    return run_teacher(args, backend, target, model)
+
+
+if __name__ == "__main__":
+    stats = main()
+    sys.exit(3 if stats and stats.get("failed") else 0)  # 3: some questions failed; rerunning asks again
