@@ -1,0 +1,130 @@
+"""
+Check train.py's memory plan (--dry-run) against a real training step on the CPU.
+
+    python scripts/measure_memory.py --family configs/Qwen2.5-0.5B --layers 2 --hidden 256 -- --max-len 64 --batch-size 1
+    python scripts/measure_memory.py --family configs/Llama-3.1-8B -- --lora-r 8 --grad-checkpointing --max-len 64
+
+A scaled-down model of the family (its vocabulary, tying, biases, GQA ratio and MLP ratio; fewer and narrower
+layers) runs two optimiser steps of the real loop's step (train.student_objective with every rationale selected,
+backward, gradient clipping, AdamW). The peak of the second step (AdamW state exists by then) is read from the
+allocator through torch.profiler(profile_memory=True): the bytes live when the step starts (weights, AdamW state)
+plus the highest running total of the step's own allocations. It is printed next to train.memory_plan for the same
+flags (after --), as JSON.
+"""
+import argparse
+import json
+import os
+import sys
+import tempfile
+from types import SimpleNamespace
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import eval as ev  # noqa: E402
+import train  # noqa: E402
+
+
+def scaled_config(family: str, layers: int = 2, hidden: int = 256, heads: int = 4, vocab: int | None = None):
+    """The config of `family` (a directory with config.json) with fewer, narrower layers; kv heads and the MLP width
+    keep the family's ratios."""
+    from transformers import AutoConfig
+    cfg = AutoConfig.from_pretrained(family)
+    kv = max(1, heads * cfg.num_key_value_heads // cfg.num_attention_heads)
+    mlp = round(hidden * cfg.intermediate_size / cfg.hidden_size / 64) * 64
+    cfg.update({"num_hidden_layers": layers, "hidden_size": hidden, "num_attention_heads": heads,
+                "num_key_value_heads": kv, "intermediate_size": mlp, "head_dim": hidden // heads})
+    if vocab:
+        cfg.vocab_size = vocab
+    return cfg
+
+
+def allocator_peak(fn) -> int:
+    """Highest running total of bytes allocated (minus freed) by fn, from the profiler's memory events."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "trace.json")
+        prof.export_chrome_trace(path)
+        events = json.load(open(path))["traceEvents"]
+    totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"]
+    return max([0, *totals])
+
+
+def live_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind tensors."""
+    seen = {}
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            s = t.untyped_storage()
+            seen[s.data_ptr()] = s.nbytes()
+    return sum(seen.values())
+
+
+def measure(cfg, flags: list[str], seed: int = 0) -> dict:
+    """-> {"plan": train.memory_plan(...), "measured_peak": bytes, "planned_peak": bytes, "ratio": plan/measured}"""
+    from transformers import AutoModelForCausalLM
+    ap = train.build_parser()
+    a = ap.parse_args(["--student", "scaled", "--device", "cpu", *flags])
+    train.check_args(ap, a)
+    a.precision = train.resolve_precision(a.precision, a.device)
+    plan = train.memory_plan(cfg, a)
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)  # as train.load_pretrained loads it
+    if a.grad_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    model = train.prepare_student(model, a).train()
+    opt = train.make_optimizer(model, a if a.lr else argparse.Namespace(lr=1e-4, weight_decay=a.weight_decay))
+
+    # B questions × P rationales of exactly --max-len tokens, the worst case the plan assumes
+    B, Pq, T = a.batch_size, plan["perspectives"], a.max_len
+    gen = torch.Generator().manual_seed(seed)
+    seqs = [[ev.Encoded(torch.randint(0, cfg.vocab_size, (T,), generator=gen).tolist(), prompt_len=min(16, T // 4),
+                        answer_start=T - 4, answer_end=T - 3) for _ in range(Pq)] for _ in range(B)]
+    selected = torch.ones(B, Pq, dtype=torch.bool)
+    alpha = selected.float() / Pq
+    unselected = torch.zeros_like(selected)
+    tok = SimpleNamespace(pad_token_id=0, eos_token_id=0)
+
+    def step():  # the loop's step: loss, backward, clipping, AdamW, zero_grad
+        obj = train.student_objective(model, tok, seqs, selected, alpha, unselected, a)
+        obj.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()  # creates AdamW's state
+    state = [p for p in model.parameters()] + [t for s in opt.state.values() for t in s.values()]
+    resident = live_bytes(state)
+    measured = resident + allocator_peak(step)
+    return {"plan": plan, "resident_at_step_start": resident, "measured_peak": measured,
+            "planned_peak": plan["bytes"]["peak"], "ratio": plan["bytes"]["peak"] / measured}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--family", default=os.path.join(REPO, "configs", "Qwen2.5-0.5B"), help="config dir of the family")
+    ap.add_argument("--layers", type=int, default=2, help="layers of the scaled-down model")
+    ap.add_argument("--hidden", type=int, default=256, help="width of the scaled-down model")
+    ap.add_argument("--heads", type=int, default=4, help="attention heads of the scaled-down model")
+    ap.add_argument("--vocab", type=int, default=None, help="vocabulary (default: the family's)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads")
+    ap.add_argument("train_flags", nargs="*", help="train.py flags after --")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    cfg = scaled_config(args.family, args.layers, args.hidden, args.heads, args.vocab)
+    r = measure(cfg, args.train_flags)
+    print(json.dumps({"family": args.family, "layers": args.layers, "hidden": args.hidden, "flags": args.train_flags,
+                      "measured_peak": r["measured_peak"], "planned_peak": r["planned_peak"],
+                      "ratio": round(r["ratio"], 4), "peak_at": r["plan"]["peak_at"],
+                      "resident_at_step_start": r["resident_at_step_start"], "plan_bytes": r["plan"]["bytes"],
+                      "plan_activations": r["plan"]["activations"]}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,237 @@
+"""The training loop: gradients, every method and ablation, bad input, resume, and learning."""
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import eval as ev
+import perspectives as P
+import train
+from conftest import REPO
+
+# a small, fast configuration of the real CLI
+FAST = ["--synthetic-n", "24", "--synthetic-n-test", "8", "--batch-size", "3", "--tiny-hidden", "32",
+        "--tiny-layers", "1", "--tiny-heads", "2", "--tiny-vocab", "300", "--eval-every", "2", "--eval-limit", "4",
+        "--max-new-tokens", "6", "--save-every", "0", "--no-progress", "--meta-warmup-epochs", "1"]
+
+
+def run(tmp_path, *extra, steps=4):
+    out = str(tmp_path / "out")
+    metrics = train.main(FAST + ["--steps", str(steps), "--out", out, *extra])
+    log = [json.loads(l) for l in open(os.path.join(out, "log.jsonl"))]
+    assert len(log) == steps and [r["step"] for r in log] == list(range(1, steps + 1))
+    return metrics, log, out
+
+
+# ---- gradients
+
+
+def test_unselected_rationales_get_no_gradient(tiny, synth):
+    model, tok = tiny
+    model.train()
+    exs = synth["train"][:2]
+    seqs = [[ev.encode_example(tok, ex.question, ex.rationales[k], ex.answer) for k in P.KEYS] for ex in exs]
+    selected = torch.zeros(2, 8, dtype=torch.bool)
+    selected[0, [0, 3]] = True
+    selected[1, [5]] = True
+    alpha = selected.float() / selected.sum(1, keepdim=True)
+    unselected = ~selected
+    a = argparse.Namespace(method="mind", cons_weight=0.1, device="cpu", max_batch_tokens=4096)
+
+    def grads(seqs):
+        model.zero_grad()
+        obj = train.student_objective(model, tok, seqs, selected, alpha, unselected, a)
+        obj.loss.backward()
+        return obj, [p.grad.clone() for p in model.parameters()]
+
+    obj, g1 = grads(seqs)
+    assert torch.isfinite(obj.seq_losses).all() and (obj.seq_losses > 0).all()  # unselected ℓ observed for the EMA
+    assert obj.parts["cons"] > 0 and not obj.seq_losses.requires_grad
+    # replace every unselected rationale by another question's: the gradient must not move
+    other = synth["train"][5]
+    swapped = [[seqs[b][k] if selected[b, k] else ev.encode_example(tok, other.question, other.rationales[P.KEYS[k]],
+                                                                      other.answer) for k in range(8)] for b in range(2)]
+    obj2, g2 = grads(swapped)
+    assert all(torch.equal(x, y) for x, y in zip(g1, g2))
+    assert not torch.equal(obj.seq_losses[unselected], obj2.seq_losses[unselected])
+    # while changing a selected one does move it
+    swapped[0][0] = ev.encode_example(tok, other.question, other.rationales[P.KEYS[0]], other.answer)
+    _, g3 = grads(swapped)
+    assert not all(torch.equal(x, y) for x, y in zip(g1, g3))
+    model.zero_grad()
+    model.eval()
+
+
+def test_length_chunks_bound_padding():
+    lengths = [5, 50, 7, 52, 6, 49]
+    chunks = train.length_chunks(lengths, max_tokens=110)
+    assert sorted(i for c in chunks for i in c) == list(range(6))
+    for c in chunks:
+        assert len(c) * max(lengths[i] for i in c) <= 110
+    assert [sorted(lengths[i] for i in c) for c in chunks] == [[5, 6, 7], [49, 50], [52]]
+
+
+def test_lr_schedule_warmup_then_cosine():
+    f = lambda s: train.lr_lambda(s, warmup=4, total=14, min_ratio=0.1)
+    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(9) == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the cosine
+    assert f(14) == pytest.approx(0.1) and f(100) == pytest.approx(0.1)
+
+
+# ---- every method and ablation, each checked for what makes it that method
+
+
+def test_mind_default(tmp_path):
+    m, log, out = run(tmp_path, "--eval-limit", "4")
+    assert all(r["meta"] > 0 and r["cons"] > 0 and 1 <= r["sel"] <= 8 for r in log)
+    assert all(sum(r["alpha"]) == pytest.approx(1.0, abs=1e-3) for r in log)  # Σ_k α_k = 1 per question
+    assert "eval" in log[1] and set(m["eval"]) == {"id", "ood"}
+    assert 0.0 <= m["eval"]["id"]["accuracy"] <= 1.0 and m["eval"]["ood"]["n"] == 8
+    assert m["steps"] == 4 and m["tokens_per_s"] > 0 and len(m["c"]) == 8
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "trainer.pt"):
+        assert os.path.exists(os.path.join(out, "ckpt", f))
+    assert os.path.exists(os.path.join(out, "probe.pt"))
+    model, tok = ev.load_model(os.path.join(out, "ckpt"))  # a plain from_pretrained checkpoint
+    assert model.config.model_type == "qwen2" and tok.chat_template
+
+
+def test_sft_one_perspective(tmp_path):
+    _, log, _ = run(tmp_path, "--method", "sft", "--perspective", "socratic")
+    k = P.KEYS.index("socratic")
+    for r in log:
+        assert r["sel"] == 1 and r["alpha"][k] == 1.0 and sum(r["alpha"]) == 1.0
+        assert r["cons"] == 0 and r["meta"] == 0 and r["mcc"] == 0
+
+
+def test_sft_all_uniform(tmp_path):
+    _, log, _ = run(tmp_path, "--method", "sft-all")
+    for r in log:
+        assert r["sel"] == 8 and r["alpha"] == [0.125] * 8 and r["cons"] == 0 and r["mcc"] == 0
+
+
+def test_mcc(tmp_path):
+    _, log, _ = run(tmp_path, "--method", "mcc")
+    for r in log:
+        assert r["sel"] == 8 and r["alpha"] == [0.125] * 8 and r["mcc"] > 0 and r["cons"] == 0
+        assert r["loss"] == pytest.approx(r["sft"] + 0.1 * r["mcc"], rel=1e-4)
+
+
+def test_no_metanet(tmp_path):
+    _, log, out = run(tmp_path, "--no-metanet")
+    for r in log:
+        assert r["sel"] == 8 and r["alpha"] == [0.125] * 8 and r["cons"] > 0 and r["meta"] == 0
+    assert not os.path.exists(os.path.join(out, "probe.pt"))
+
+
+def test_no_attention(tmp_path):
+    _, log, out = run(tmp_path, "--no-attention", "--save-every", "2")
+    state = torch.load(os.path.join(out, "ckpt", "trainer.pt"), weights_only=False)
+    assert not any(k.startswith("attention") for k in state["metanet"])
+    assert any(k.startswith("heads.") for k in state["metanet"])
+
+
+def test_inertia_zero_is_instantaneous(tmp_path):
+    _, log, _ = run(tmp_path, "--inertia", "0")
+    for r in log:  # c_k is exactly this step's batch mean of ℓ_k
+        for c, l in zip(r["c"], r["loss_k"]):
+            if l is not None:
+                assert c == pytest.approx(l, abs=2e-5)
+
+
+def test_select_beta_zero_keeps_all(tmp_path):
+    _, log, _ = run(tmp_path, "--select-beta", "0")
+    assert all(r["sel"] == 8 for r in log)
+
+
+def test_select_beta_high_keeps_argmax_only(tmp_path):
+    _, log, _ = run(tmp_path, "--select-beta", "1.0")
+    assert all(r["sel"] == 1 and r["cons"] == 0 for r in log)
+
+
+def test_cons_weight_zero(tmp_path):
+    _, log, _ = run(tmp_path, "--cons-weight", "0")
+    assert all(r["cons"] == 0 and r["loss"] == pytest.approx(r["sft"]) for r in log)
+
+
+def test_probe_every(tmp_path):
+    _, log, _ = run(tmp_path, "--probe-every", "2", "--select-beta", "1.0")
+    # with one selected rationale per question, unselected ℓ are observed on even steps only
+    assert all(all(l is not None for l in r["loss_k"]) for r in log[0::2])
+    assert any(any(l is None for l in r["loss_k"]) for r in log[1::2])
+
+
+def test_demo_data_with_tiny_student(tmp_path):
+    demo = os.path.join(REPO, "data", "demo_perspectives.jsonl")
+    m, log, _ = run(tmp_path, "--data", demo)
+    assert m["eval"] == {} and log[-1]["tokens"] > 0
+    with pytest.raises(SystemExit, match="question 'gsm8k-train-14'.*max-len 100"):
+        run(tmp_path, "--data", demo, "--max-len", "100")
+
+
+# ---- bad input
+
+
+def test_bad_input_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="no such file"):
+        train.main(FAST + ["--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q"}\nnot json\n')
+    with pytest.raises(SystemExit, match="no usable training question"):
+        train.main(FAST + ["--data", str(bad), "--out", str(tmp_path / "o")])
+    assert f"{bad}:2" in capsys.readouterr().out
+    for flags in (["--inertia", "1"], ["--select-beta", "-1"], ["--batch-size", "0"], ["--method", "sft", "--no-metanet"]):
+        with pytest.raises(SystemExit):
+            train.main(FAST + flags + ["--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match="no checkpoint"):
+        train.main(["--resume", str(tmp_path / "nothing")])
+
+
+# ---- resume
+
+
+def test_killed_and_resumed_run_matches_uninterrupted(tmp_path):
+    flags = FAST + ["--steps", "80", "--save-every", "10", "--eval-every", "0", "--batch-size", "4"]
+    ref = str(tmp_path / "ref")
+    train.main(flags + ["--out", ref])
+    ref_log = [json.loads(l) for l in open(os.path.join(ref, "log.jsonl"))]
+
+    out = str(tmp_path / "killed")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "train.py", *flags, "--out", out], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log_path = os.path.join(out, "log.jsonl")
+    deadline = time.time() + 300
+    while time.time() < deadline:  # kill it once a checkpoint exists and it has run past it
+        if os.path.exists(os.path.join(out, "ckpt", "trainer.pt")) and os.path.exists(log_path) \
+                and sum(1 for _ in open(log_path)) >= 13:
+            break
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = sum(1 for _ in open(log_path))
+    assert killed_at < 80
+    train.main(["--resume", out])
+    log = [json.loads(l) for l in open(log_path)]
+    assert [r["step"] for r in log] == list(range(1, 81))
+    for r, q in zip(log, ref_log):
+        for key in ("loss", "sft", "cons", "meta", "sel"):
+            assert r[key] == pytest.approx(q[key], abs=1e-6), (r["step"], key)
+        assert r["c"] == pytest.approx(q["c"], abs=1e-6)
+    m = json.load(open(os.path.join(out, "metrics.json")))
+    assert m["steps"] == 80
+
+
+def test_eval_tasks_after_training(tmp_path):
+    m, _, out = run(tmp_path, "--eval-tasks", "svamp,strategyqa", "--eval-tasks-limit", "3", steps=2)
+    assert m["eval"]["svamp"]["n"] == 3 and m["eval"]["strategyqa"]["n"] == 3
+    assert set(m["eval"]) == {"id", "ood", "svamp", "strategyqa"}
+    assert sum(1 for _ in open(os.path.join(out, "eval", "svamp.jsonl"))) == 3
+    with pytest.raises(SystemExit, match="gpqa-csv"):  # before any training happens
+        run(tmp_path, "--eval-tasks", "gpqa_diamond")
