@@ -76,7 +76,7 @@ def measure(cfg, flags: list[str], seed: int = 0) -> dict:
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)  # as train.load_pretrained loads it
     if a.grad_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
         model.config.use_cache = False
     model = train.prepare_student(model, a).train()
     opt = train.make_optimizer(model, a if a.lr else argparse.Namespace(lr=1e-4, weight_decay=a.weight_decay))
