@@ -91,13 +91,18 @@ class Mind:
         self.beta, self.meta_tau, self.student_tau = beta, meta_tau, student_tau
 
     def plan(self, features: torch.Tensor, mask: torch.Tensor):
-        """-> (scores with grad or None, selected[B,K], alpha[B,K])"""
+        """-> (scores with grad for the meta loss, or None; selected[B,K]; alpha[B,K])"""
         if self.metanet is None:
             alpha = mask.float() / mask.sum(-1, keepdim=True).clamp(min=1)
             return None, mask.clone(), alpha
-        scores = self.metanet(features, mask)
-        selected = select_perspectives(scores, mask, self.beta)
-        return scores, selected, compatibility_weights(scores, selected, self.student_tau)
+        scores = self.metanet(features, mask)  # in train mode: dropout regularises the meta loss
+        # selection and α come from the network itself, not from one draw of its dropout noise
+        was_training = self.metanet.training
+        with torch.no_grad():
+            s = self.metanet.eval()(features, mask)
+        self.metanet.train(was_training)
+        selected = select_perspectives(s, mask, self.beta)
+        return scores, selected, compatibility_weights(s, selected, self.student_tau)
 
     def observe(self, question_ids: list[str], losses: torch.Tensor, observed: torch.Tensor,
                 scores: torch.Tensor | None, mask: torch.Tensor):

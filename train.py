@@ -129,8 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up steps (default: 5%% of --steps)")
     g.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decay ends at this fraction of --lr")
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0 disables)")
-    g.add_argument("--max-batch-tokens", type=int, default=8192,
-                   help="padded tokens per forward; a step's sequences are sorted by length and cut into such chunks")
+    g.add_argument("--max-batch-tokens", type=int, default=None,
+                   help="padded tokens per forward; a step's sequences are sorted by length and cut into such chunks "
+                        "(default: 8192 on a GPU; 2048 on a CPU, where smaller chunks pad less and run faster)")
     g.add_argument("--seed", type=int, default=0, help="seed of everything (data order, init, synthetic world)")
 
     g = ap.add_argument_group("evaluation and logging")
@@ -162,7 +163,7 @@ def check_args(ap: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     if a.select_beta < 0:
         ap.error(f"--select-beta {a.select_beta}: must be >= 0")
     for name in ("batch_size", "grad_accum", "meta_accum", "probe_every", "max_len", "max_batch_tokens", "meta_batch_size"):
-        if getattr(a, name) < 1:
+        if getattr(a, name) is not None and getattr(a, name) < 1:
             ap.error(f"--{name.replace('_', '-')} {getattr(a, name)}: must be >= 1")
     if a.steps is not None and a.steps < 1:
         ap.error(f"--steps {a.steps}: must be >= 1")
@@ -702,7 +703,7 @@ def memory_plan(cfg, a, model=None) -> dict:
     Pq = a.plan_perspectives or (1 if a.method == "sft" else P.K)
     T = a.max_len
     seqs = B * Pq
-    rows = min(seqs, max(1, a.max_batch_tokens // T))  # sequences per chunk (length_chunks: at least one)
+    rows = min(seqs, max(1, (a.max_batch_tokens or 8192) // T))  # sequences per chunk; None: the GPU default
     chunks = math.ceil(seqs / rows)
     n = rows * T  # tokens of the largest chunk
     tokens = seqs * T
@@ -762,7 +763,7 @@ def memory_plan(cfg, a, model=None) -> dict:
     out = {
         "student": a.student, "model_type": cfg.model_type, "device": device, "precision": precision, "attn": a.attn,
         "grad_checkpointing": ckpt, "lora_r": a.lora_r, "batch_size": B, "perspectives": Pq, "seq_len": T,
-        "max_batch_tokens": a.max_batch_tokens, "chunks": chunks, "tokens_per_step": tokens,
+        "max_batch_tokens": a.max_batch_tokens or 8192, "chunks": chunks, "tokens_per_step": tokens,
         "params_total": total, "params_trainable": trainable,
         "bytes": {"weights": weights, "gradients": grads, "optimizer": optimizer, "activations": int(activations),
                   "peak": int(peak)},
@@ -797,6 +798,8 @@ def resolve_defaults(a, n_train: int) -> None:
         a.steps = 650 if a.student == "tiny" else math.ceil(3 * n_train / (a.batch_size * a.grad_accum))
     if a.warmup_steps is None:
         a.warmup_steps = max(1, a.steps // 20)
+    if a.max_batch_tokens is None:
+        a.max_batch_tokens = 8192 if a.device.startswith("cuda") else 2048
     a.precision = resolve_precision(a.precision, a.device)
 
 
@@ -902,7 +905,7 @@ def main(argv=None):
                 features = torch.zeros(len(train), K, emb.size(1))
                 for n, (q, k) in enumerate(flat):
                     features[q, k] = emb[n]
-            atomic_torch_save({"features": features, "l0": l0}, probe_path)
+            atomic_torch_save({"features": features, "l0": l0, "ids": qids}, probe_path)
         metanet = MetaNet(features.size(-1), K, a.meta_hidden, a.meta_attn_heads, a.meta_score_heads,
                           attention=not a.no_attention, dropout=a.meta_dropout).to(a.device)
         features = features.to(a.device)
@@ -927,6 +930,8 @@ def main(argv=None):
                 meta_opt.step()
                 tot += loss.item() * len(idx)
             print(f"meta warm-up epoch {epoch + 1}/{a.meta_warmup_epochs}: KL(π(s) ‖ π(−ℓ⁰)) = {tot / len(train):.4f}")
+        # the MetaNet as the joint stage starts, for comparing its scores at the start and the end
+        atomic_torch_save(metanet.state_dict(), os.path.join(a.out, "metanet_start.pt"))
     if meta_opt:
         for group in meta_opt.param_groups:
             group["lr"] = a.meta_lr  # the joint stage: 10x slower, the MetaNet's own inertia

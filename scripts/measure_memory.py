@@ -71,6 +71,7 @@ def measure(cfg, flags: list[str], seed: int = 0) -> dict:
     a = ap.parse_args(["--student", "scaled", "--device", "cpu", *flags])
     train.check_args(ap, a)
     a.precision = train.resolve_precision(a.precision, a.device)
+    a.max_batch_tokens = a.max_batch_tokens or 8192  # as planned (the plan's default is the GPU's)
     plan = train.memory_plan(cfg, a)
 
     torch.manual_seed(seed)

@@ -133,3 +133,16 @@ def test_mean_pool_ignores_padding():
     h = torch.tensor([[[1.0], [3.0], [100.0]], [[2.0], [4.0], [6.0]]])
     m = torch.tensor([[T, T, F], [F, T, T]])
     assert mean_pool(h, m).squeeze(-1).tolist() == [2.0, 5.0]
+
+
+def test_plan_selects_without_dropout_noise():
+    torch.manual_seed(0)
+    net = MetaNet(6, 4, hidden=16, heads=2, score_heads=2, dropout=0.5).train()
+    mind = Mind(net, InertiaCalibrator(4, 0.9), beta=0.5)
+    e, mask = torch.randn(3, 4, 6), torch.ones(3, 4, dtype=torch.bool)
+    plans = [mind.plan(e, mask) for _ in range(3)]
+    assert all(torch.equal(p[2], plans[0][2]) for p in plans)  # α is the same on every call
+    assert not torch.equal(plans[0][0], plans[1][0])  # while the meta-loss scores carry dropout
+    assert plans[0][0].requires_grad and net.training
+    net.eval()
+    assert torch.allclose(plans[0][2], compatibility_weights(net(e, mask), plans[0][1], 1.0))
