@@ -220,10 +220,12 @@ def test_killed_and_resumed_run_matches_uninterrupted(tmp_path):
     train.main(["--resume", out])
     log = [json.loads(l) for l in open(log_path)]
     assert [r["step"] for r in log] == list(range(1, 81))
+    # The log rounds to 6 decimals and the killed run is a separate process, whose float reductions
+    # may differ in the last bit; a resume bug (data order, RNG, optimizer or L̃ state) shows as 1e-3+.
     for r, q in zip(log, ref_log):
         for key in ("loss", "sft", "cons", "meta", "sel"):
-            assert r[key] == pytest.approx(q[key], abs=1e-6), (r["step"], key)
-        assert r["c"] == pytest.approx(q["c"], abs=1e-6)
+            assert r[key] == pytest.approx(q[key], rel=1e-5, abs=3e-6), (r["step"], key)
+        assert r["c"] == pytest.approx(q["c"], rel=1e-5, abs=3e-6)
     m = json.load(open(os.path.join(out, "metrics.json")))
     assert m["steps"] == 80
 
