@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-from eval import (FINAL_PREFIX, extract_answer, generate, is_correct, load_model, read_rows, split_final_line,
-                  to_example)
+from eval import (FINAL_PREFIX, HelpFormatter, extract_answer, generate, is_correct, load_model, read_rows,
+                  split_final_line, to_example)
 
 # -----------------------------------------------------------------------------
 # The eight perspectives (names are the paper's; instructions are what the teacher is asked to do)
@@ -840,10 +840,6 @@ def run_teacher(args, backend: str, target: str, model: str) -> dict:
 
 # -----------------------------------------------------------------------------
 # CLI
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help shows the module docstring as written and every flag's default."""
 
 
 def parse_teacher(spec: str) -> tuple[str, str, str]:

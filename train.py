@@ -43,12 +43,8 @@ PRECISIONS = ("auto", "fp32", "bf16-mixed")
 # CLI: every default lives here
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help shows the module docstring as written and every flag's default."""
-
-
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=ev.HelpFormatter)
     g = ap.add_argument_group("data")
     g.add_argument("--data", default=None,
                    help="training JSONL (MIND format), or a directory with train.jsonl [+ test_id.jsonl, test_ood.jsonl] "
