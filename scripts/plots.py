@@ -225,7 +225,8 @@ def make_all(out: str, seed: int, seeds: dict[str, list[int]], report: dict | No
         done.append(plot_ck(mind, os.path.join(out, "ck_trends.png"), "MIND: per-perspective loss trend c_k"))
     sel = {lab: lg for lab, lg in (("MIND", mind), ("w/o attention", logs_of("mind-no-attention")),
                                    ("μ = 0", logs_of("mind-inertia0")), ("λ = 0", logs_of("mind-cons0")),
-                                   ("β = 0", logs_of("mind-beta0"))) if lg}
+                                   ("β = 0", logs_of("mind-beta0")),
+                                   ("β = 0.9", logs_of("mind-beta0.9"))) if lg}
     if sel:
         done.append(plot_selection(sel, os.path.join(out, "selection.png")))
     d = os.path.join(runs, "mind", str(seed))

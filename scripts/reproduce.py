@@ -1,7 +1,7 @@
 """
 The paper's claims in miniature: MIND against its baselines and its ablations on the synthetic world.
 
-    python scripts/reproduce.py                 # every run (16 configurations x 3 seeds), then the table and the plots
+    python scripts/reproduce.py                 # every run (17 configurations x 3 seeds), then the table and the plots
     python scripts/reproduce.py --dry-list      # the planned runs and a time estimate; nothing is run
     python scripts/reproduce.py --aggregate-only  # rebuild results/miniature.{md,json} and the plots from finished runs
 
@@ -14,6 +14,8 @@ sentence templates), then evaluated by greedy generation on both test splits:
     mcc                 MCC-KD: uniform weights + bidirectional KL between the answers of every pair
     mind                MIND with every component
     mind-no-metanet, mind-no-attention, mind-inertia0, mind-beta0, mind-cons0   its ablations
+    mind-beta0.9        a stricter threshold: p = π(s) tracks π(−L̃), so β drops k only when L̃_k exceeds the
+                        best L̃ by more than ln(1/β) nats per token (0.69 at the default 0.5, 0.11 at 0.9)
 
 Resumable: each run writes results/runs/<configuration>/<seed>/ (train.py's metrics.json and log.jsonl, its
 stdout in train.log, the exact command in cmd.json). A run whose metrics.json exists is skipped; a run killed
@@ -52,11 +54,12 @@ CONFIGS.update({
     "mind-inertia0": (["--inertia", "0"], "MIND w/o inertia (μ = 0)"),
     "mind-beta0": (["--select-beta", "0"], "MIND w/o selection (β = 0)"),
     "mind-cons0": (["--cons-weight", "0"], "MIND w/o consistency (λ = 0)"),
+    "mind-beta0.9": (["--select-beta", "0.9"], "MIND, stricter selection (β = 0.9)"),
 })
 SFT = [f"sft-{k}" for k in P.KEYS]
 MAIN_ROWS = ["sft-best", "sft-all", "mcc", "mind"]
-ABLATIONS = ["mind-no-metanet", "mind-no-attention", "mind-inertia0", "mind-beta0", "mind-cons0"]
-USES_METANET = {"mind", "mind-no-attention", "mind-inertia0", "mind-beta0", "mind-cons0"}
+ABLATIONS = ["mind-no-metanet", "mind-no-attention", "mind-inertia0", "mind-beta0", "mind-cons0", "mind-beta0.9"]
+USES_METANET = {"mind", "mind-no-attention", "mind-inertia0", "mind-beta0", "mind-cons0", "mind-beta0.9"}
 
 # Cost model of --dry-list, measured on the 2-core development machine, one thread per run, machine otherwise idle.
 # A step of a multi-perspective method (4 questions x 8 rationales of ~90 tokens, one chunk) took 0.195 / 0.30 / 0.37 /

@@ -117,14 +117,14 @@ def test_status_done_stale_resume(tmp_path):
 
 def test_dry_list_plans_every_configuration_and_runs_nothing(tmp_path, capsys):
     runs = reproduce.main(["--out", str(tmp_path), *BUDGET, "--dry-list"])
-    assert len(runs) == 16 * 3
+    assert len(runs) == 17 * 3
     assert {r["name"] for r in runs} == set(reproduce.CONFIGS)
     mind = next(r for r in runs if r["name"] == "mind-inertia0" and r["seed"] == 2)
     assert mind["argv"][:2] == ["--inertia", "0"] and mind["argv"][mind["argv"].index("--seed") + 1] == "2"
     # one step budget for every configuration
     assert {r["argv"][r["argv"].index("--steps") + 1] for r in runs} == {"7"}
     assert not os.path.exists(tmp_path / "runs")
-    assert "48 to run" in capsys.readouterr().out
+    assert "51 to run" in capsys.readouterr().out
 
 
 def test_makespan_longest_first():
