@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm import tqdm
 
+from eval import write_json
 from perspectives import KEYS, read_training_jsonl
 
 # -----------------------------------------------------------------------------
@@ -649,14 +650,6 @@ def encode_items(args, items):
 
 # -----------------------------------------------------------------------------
 # Atomic writers
-
-
-def write_json(path, obj):
-    fd, tmp = _temp_beside(path, ".json.tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def write_npz(path, **arrays):

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from tqdm import tqdm
 
 from eval import (FINAL_PREFIX, HelpFormatter, extract_answer, generate, is_correct, load_model, read_rows,
-                  split_final_line, to_example)
+                  split_final_line, to_example, write_json)
 
 # -----------------------------------------------------------------------------
 # The eight perspectives (names are the paper's; instructions are what the teacher is asked to do)
@@ -814,9 +814,7 @@ def run_teacher(args, backend: str, target: str, model: str) -> dict:
                             for k, v in per.items()},
              "settings": {n: getattr(args, n) for n in ("samples_per_perspective", "min_perspectives", "keep_easy",
                                                         "strict_judge", "temperature", "max_tokens", "seed")}}
-    with open(stats_path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(stats, f, indent=2)
-    os.replace(stats_path + ".tmp", stats_path)
+    write_json(stats_path, stats)
     print(f"{status}: kept {stats['kept']}, dropped {stats['dropped']} ({counts['too_few']} with fewer than "
           f"{args.min_perspectives} correct perspectives, {counts['easy']} easy), failed {stats['failed']}"
           + (f", not reached {stats['not_reached']}" if stats["not_reached"] else "")

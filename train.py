@@ -555,12 +555,6 @@ def atomic_torch_save(obj, path: str) -> None:
     os.replace(path + ".tmp", path)
 
 
-def atomic_json(obj, path: str) -> None:
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(path + ".tmp", path)
-
-
 def save_checkpoint(out: str, model, tokenizer, trainer_state: dict) -> None:
     final, tmp, old = (os.path.join(out, n) for n in ("ckpt", "ckpt.tmp", "ckpt.old"))
     shutil.rmtree(tmp, ignore_errors=True)
@@ -1070,7 +1064,7 @@ def main(argv=None):
                "tokens_per_s": tokens / max(train_time, 1e-9), "padding_ratio": padded_tokens / max(tokens, 1),
                "train_time_s": train_time, "parameters": n_params,
                "c": calibrator.c.tolist(), "perspectives": P.KEYS}
-    atomic_json(metrics, os.path.join(a.out, "metrics.json"))
+    ev.write_json(os.path.join(a.out, "metrics.json"), metrics)
     print(f"wrote {os.path.join(a.out, 'metrics.json')}")
     return metrics
 

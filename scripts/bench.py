@@ -322,10 +322,7 @@ def main(argv=None):
     out["summary"] = {"step_ratio": m, "step_ratio_all_selected": w, "padding_ratio": pad,
                       "padding_ratio_one_chunk": one, "memory_ratio": out["memory"]["mind"]["ratio"]}
     if a.json:
-        tmp = a.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(out, f, indent=1)
-        os.replace(tmp, a.json)
+        train.ev.write_json(a.json, out)
     return out
 
 
