@@ -503,7 +503,7 @@ def student_objective(model, tokenizer, seqs: list[list], selected: torch.Tensor
     seqs[b][k] is the Encoded (question b, perspective k)."""
     B, K = selected.shape
     sel = selected.nonzero(as_tuple=True)
-    answers = a.method in ("mind", "mcc")
+    answers = (a.method == "mind" and a.cons_weight > 0) or a.method == "mcc"  # a term reads the answer spans
     run = run_student(model, tokenizer, [seqs[b][k] for b, k in zip(*(t.tolist() for t in sel))], a, answers=answers)
     seq_losses = torch.zeros(B, K, device=alpha.device).index_put(sel, run.losses)
     tokens, padded = run.tokens, run.padded
@@ -520,7 +520,7 @@ def student_objective(model, tokenizer, seqs: list[list], selected: torch.Tensor
         ans = torch.zeros(B, K, *run.answer_logits.shape[1:], device=alpha.device).index_put(sel, run.answer_logits)
         span = torch.zeros(B, K, run.answer_mask.size(1), dtype=torch.bool, device=alpha.device).index_put(
             sel, run.answer_mask)
-        if a.method == "mind" and a.cons_weight > 0:
+        if a.method == "mind":
             loss_cons = L.consistency_loss(ans, alpha, span)  # Σ_{i<j∈I_q} α_i α_j JSD(P_i ‖ P_j)
             loss = loss + a.cons_weight * loss_cons
             parts["cons"] = loss_cons.item()
