@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 
-def pi(x: torch.Tensor, mask: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+def log_pi(x: torch.Tensor, mask: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
     """log π_τ(x)_k = log( exp(x_k/τ) / Σ_{j∈mask} exp(x_j/τ) ), -inf outside the mask. [B,K] -> [B,K]"""
     return torch.log_softmax((x / tau).masked_fill(~mask, float("-inf")), dim=-1)
 
@@ -80,8 +80,8 @@ def meta_loss(scores: torch.Tensor, filtered_losses: torch.Tensor, mask: torch.T
     The direction is the authors': the MetaNet's distribution first, the loss-derived target second.
     L̃ is a target: no gradient flows into it. scores[B,K], filtered_losses[B,K], mask[B,K] -> scalar"""
     mask = mask & torch.isfinite(filtered_losses)
-    log_p = pi(scores, mask, tau)
-    log_q = pi(-filtered_losses.detach(), mask, tau)
+    log_p = log_pi(scores, mask, tau)
+    log_q = log_pi(-filtered_losses.detach(), mask, tau)
     return _kl(log_p, log_q).mean()  # absent k: P_k = 0, so they add nothing
 
 

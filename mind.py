@@ -11,7 +11,7 @@ Per question q with present perspectives K_q:
 """
 import torch
 
-from losses import meta_loss, pi
+from losses import log_pi, meta_loss
 from metanet import MetaNet
 
 
@@ -66,7 +66,7 @@ class InertiaCalibrator:
 def select_perspectives(scores: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
     """I_q = { k ∈ K_q : p_k ≥ β · max_j p_j }, p = softmax over the present perspectives.
     The arg-max is always kept (even for β > 1); absent perspectives never are. -> bool[B,K]"""
-    p = pi(scores.detach(), mask).exp()
+    p = log_pi(scores.detach(), mask).exp()
     keep = (p >= beta * p.max(-1, keepdim=True).values) & mask
     best = torch.zeros_like(mask).scatter(-1, p.argmax(-1, keepdim=True), True) & mask.any(-1, keepdim=True)
     return keep | best
@@ -75,7 +75,7 @@ def select_perspectives(scores: torch.Tensor, mask: torch.Tensor, beta: float) -
 def compatibility_weights(scores: torch.Tensor, selected: torch.Tensor, tau: float) -> torch.Tensor:
     """α_k = exp(s_k/τ_s) / Σ_{j∈I_q} exp(s_j/τ_s) for k ∈ I_q, 0 elsewhere. Detached: the student's loss
     must never train the MetaNet (it would learn to favour whatever is easiest to shrink). -> [B,K]"""
-    alpha = pi(scores.detach(), selected, tau).exp()
+    alpha = log_pi(scores.detach(), selected, tau).exp()
     return torch.where(selected, alpha, torch.zeros_like(alpha))
 
 

@@ -4,14 +4,14 @@ What MIND costs per optimiser step against its baselines, measured in one run on
     python scripts/bench.py               # a 4-layer 256-wide student, the demo data, 8 rationales x <= 256 tokens
     python scripts/bench.py --reps 4 --hidden 128 # quicker
 
-Every method runs train.py's own step (train.student_objective, the MetaNet's plan and observe from mind.py, backward,
-gradient clipping, AdamW, the MetaNet's step every --meta-accum) on the same question batches, the methods interleaved
+Every method runs train.py's own step (train.train_step: the MetaNet's plan, the student's objective, backward,
+the EMA and the meta loss, gradient clipping, AdamW, the MetaNet's step every --meta-accum) on the same question batches, the methods interleaved
 step by step so that a change in machine load hits all of them alike; step times are medians. Printed:
 
   1. time per optimiser step of each method and its ratio to sft-all, with the phases of the MIND step (MetaNet
      plan, the student's forward, backward, EMA + meta loss, optimiser) and the real tokens per second;
   2. padded tokens over real tokens for chunk sizes of --max-batch-tokens (a step's sequences are sorted by length
-     and cut into chunks of at most that many padded tokens: train.length_chunks), and sft-all's step time at each;
+     and cut into chunks of at most that many padded tokens: student.length_chunks), and sft-all's step time at each;
   3. peak memory of one step, mind vs sft-all: bytes live before the step (weights, AdamW state, the MetaNet, its
      features) plus the highest running total the step allocates on top of them (gradients, activations,
      transients), read from the CPU allocator through torch.profiler(profile_memory=True); not the process RSS
@@ -38,7 +38,9 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import perspectives as P  # noqa: E402
+import student  # noqa: E402
 import train  # noqa: E402
+from eval import encode_example, write_json  # noqa: E402
 from metanet import MetaNet  # noqa: E402
 from mind import InertiaCalibrator, Mind  # noqa: E402
 
@@ -83,56 +85,41 @@ def train_args(method: str, mbt: int, a, **kw) -> argparse.Namespace:
 
 
 class Trainer:
-    """One method's model, optimiser and (for mind) MetaNet + calibrator, and train.py's step."""
+    """One method's model, optimiser and (for mind) MetaNet + calibrator, stepped by train.py's own train_step."""
 
-    def __init__(self, name: str, method: str, model, tokenizer, targs, features=None, beta=None):
-        self.name, self.method, self.a = name, method, targs
-        self.model = copy.deepcopy(model).train()
-        self.tok = tokenizer
-        self.opt = train.make_optimizer(self.model, targs)
-        self.metanet = self.meta_opt = None
-        self.features = features
-        if method == "mind":
+    def __init__(self, name: str, method: str, model, tokenizer, targs, seqs, qids, mask_all, features=None,
+                 beta=None):
+        self.name, self.a = name, targs
+        m = train.METHODS[method]
+        model = copy.deepcopy(model).train()
+        opt = student.make_optimizer(model, targs.lr, targs.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: student.lr_lambda(s, targs.warmup_steps, targs.steps,
+                                                                                    targs.min_lr_ratio))
+        self.metanet = meta_opt = None
+        if m.metanet:
             torch.manual_seed(targs.seed)
             self.metanet = MetaNet(features.size(-1), P.K, targs.meta_hidden, targs.meta_attn_heads,
                                    targs.meta_score_heads, dropout=targs.meta_dropout)
-            self.meta_opt = torch.optim.AdamW(self.metanet.parameters(), lr=targs.meta_lr)
-        self.mind = Mind(self.metanet, InertiaCalibrator(P.K, targs.inertia),
-                         targs.select_beta if beta is None else beta, targs.meta_tau, targs.student_tau)
+            meta_opt = torch.optim.AdamW(self.metanet.parameters(), lr=targs.meta_lr)
+        mind = Mind(self.metanet, InertiaCalibrator(P.K, targs.inertia),
+                    targs.select_beta if beta is None else beta, targs.meta_tau, targs.student_tau)
+        self.loop = train.Loop(model, tokenizer, opt, sched, seqs, qids, mask_all, mind,
+                               features if m.metanet else None, meta_opt,
+                               student.Compute("cpu", targs.max_batch_tokens, targs.precision))
+        self.cfg = train.StepConfig(targs.cons_weight if m.consistency else 0.0, targs.mcc_weight if m.mcc else 0.0,
+                                    targs.probe_every if m.metanet else 0, targs.meta_accum, targs.max_grad_norm)
+        self.model, self.opt, self.meta_opt, self.features = model, opt, meta_opt, features
         self.n = 0
 
-    def step(self, qs: list[int], seqs, qids, mask_all) -> dict:
-        """One optimiser step exactly as train.py's loop does it (grad_accum 1). -> phase times, tokens, |I_q|."""
-        a, t = self.a, {}
-        clock = time.perf_counter
-        t0 = clock()
-        mask = mask_all[qs]
-        if self.method == "mind":
-            scores, selected, alpha = self.mind.plan(self.features[qs], mask)
-        else:
-            scores, selected = None, mask
-            alpha = mask.float() / mask.sum(-1, keepdim=True).clamp(min=1)
-        unselected = mask & ~selected if self.method == "mind" else torch.zeros_like(mask)
-        t1 = clock()
-        obj = train.student_objective(self.model, self.tok, [seqs[q] for q in qs], selected, alpha, unselected, a)
-        t2 = clock()
-        obj.loss.backward()
-        t3 = clock()
-        _, loss_meta = self.mind.observe([qids[q] for q in qs], obj.seq_losses, selected | unselected, scores, mask)
-        if loss_meta is not None:
-            (loss_meta / a.meta_accum).backward()
-        t4 = clock()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), a.max_grad_norm)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
+    def step(self, qs: list[int]) -> dict:
+        """One optimiser step of train.train_step (grad_accum 1). -> phase times, tokens, |I_q|."""
+        phases, tokens, padded = {}, self.loop.tokens, self.loop.padded
+        t0 = time.perf_counter()
+        row = train.train_step(self.loop, self.cfg, self.n, [qs], timer=phases)
+        total = time.perf_counter() - t0
         self.n += 1
-        if self.metanet is not None and self.n % a.meta_accum == 0:
-            self.meta_opt.step()
-            self.meta_opt.zero_grad(set_to_none=True)
-        t5 = clock()
-        return {"total": t5 - t0, "plan": t1 - t0, "forward": t2 - t1, "backward": t3 - t2, "observe": t4 - t3,
-                "optimizer": t5 - t4, "tokens": obj.tokens, "padded": obj.padded,
-                "sel": selected.sum(1).float().mean().item()}
+        return {"total": total, **phases, "tokens": self.loop.tokens - tokens, "padded": self.loop.padded - padded,
+                "sel": row["sel"]}
 
     def persistent_bytes(self) -> int:
         """Bytes of the distinct storages live between steps: weights, AdamW state, the MetaNet and its features."""
@@ -180,10 +167,10 @@ def allocator_peak(fn) -> int:
 
 
 def padding_ratio(lengths_per_step: list[list[int]], max_tokens: int) -> float:
-    """Σ padded / Σ real tokens when each step's sequences are cut by train.length_chunks."""
+    """Σ padded / Σ real tokens when each step's sequences are cut by student.length_chunks."""
     real = padded = 0
     for lengths in lengths_per_step:
-        for idx in train.length_chunks(lengths, max_tokens):
+        for idx in student.length_chunks(lengths, max_tokens):
             real += sum(lengths[i] for i in idx)
             padded += len(idx) * max(lengths[i] for i in idx)
     return padded / real
@@ -214,11 +201,10 @@ def main(argv=None):
     data = [ex for ex in data if len(ex.rationales) == P.K] or data
     if len(data) < a.batch_size:
         raise SystemExit(f"error: --data {a.data}: {len(data)} questions, fewer than --batch-size {a.batch_size}")
-    base = train_args("sft-all", a.max_batch_tokens, a)
-    model, tok = train.build_tiny_student(base, data)
+    model, tok = student.build_tiny_student(data, a.hidden, a.layers, a.heads, a.vocab, a.max_len, a.seed)
     n_params = sum(p.numel() for p in model.parameters())
     mask_all = torch.tensor([[k in ex.rationales for k in P.KEYS] for ex in data])
-    seqs = [[train.ev.encode_example(tok, ex.question, ex.rationales[k], ex.answer, max_len=a.max_len)
+    seqs = [[encode_example(tok, ex.question, ex.rationales[k], ex.answer, max_len=a.max_len)
              if k in ex.rationales else None for k in P.KEYS] for ex in data]
     qids = [ex.id for ex in data]
     lens = [len(s.input_ids) for row in seqs for s in row if s]
@@ -231,20 +217,23 @@ def main(argv=None):
     flat = [(q, k) for q in range(len(data)) for k in range(P.K) if mask_all[q, k]]
     t0 = time.perf_counter()
     with torch.no_grad():
-        r = train.run_student(model.eval(), tok, [seqs[q][k] for q, k in flat], base, answers=False, features=True)
+        r = student.run_student(model.eval(), tok, [seqs[q][k] for q, k in flat],
+                                student.Compute("cpu", a.max_batch_tokens), answers=False, features=True)
     model.train()
     t_probe = time.perf_counter() - t0
     features = torch.zeros(len(data), P.K, r.features.size(1))
     for n, (q, k) in enumerate(flat):
         features[q, k] = r.features[n]
 
+    data_args = (seqs, qids, mask_all)
+
     # ---- 1. step time, interleaved
     mbt = a.max_batch_tokens
-    trainers = [Trainer("sft-all", "sft-all", model, tok, train_args("sft-all", mbt, a)),
-                Trainer("mcc", "mcc", model, tok, train_args("mcc", mbt, a)),
-                Trainer("mind", "mind", model, tok, train_args("mind", mbt, a), features),
-                Trainer("mind β=0", "mind", model, tok, train_args("mind", mbt, a), features, beta=0.0),
-                Trainer("mind β=1", "mind", model, tok, train_args("mind", mbt, a), features, beta=1.0)]
+    trainers = [Trainer("sft-all", "sft-all", model, tok, train_args("sft-all", mbt, a), *data_args),
+                Trainer("mcc", "mcc", model, tok, train_args("mcc", mbt, a), *data_args),
+                Trainer("mind", "mind", model, tok, train_args("mind", mbt, a), *data_args, features),
+                Trainer("mind β=0", "mind", model, tok, train_args("mind", mbt, a), *data_args, features, beta=0.0),
+                Trainer("mind β=1", "mind", model, tok, train_args("mind", mbt, a), *data_args, features, beta=1.0)]
     gen = random.Random(a.seed)
     batches = [gen.sample(range(len(data)), a.batch_size) for _ in range(a.warmup + a.reps)]
     times = {t.name: [] for t in trainers}
@@ -253,7 +242,7 @@ def main(argv=None):
     for i, qs in enumerate(batches):
         order = trainers if i % 2 == 0 else trainers[::-1]  # alternate the order: no method always goes first
         for t in order:
-            res = t.step(qs, seqs, qids, mask_all)
+            res = t.step(qs)
             if i >= a.warmup:
                 times[t.name].append(res)
             done += 1
@@ -288,9 +277,9 @@ def main(argv=None):
     chunk_batches = [gen.sample(range(len(data)), a.batch_size) for _ in range(a.chunk_reps + 1)]
     for cs in chunk_sizes:
         ratio = padding_ratio(lsteps, cs)
-        nch = statistics.mean(len(train.length_chunks(ls, cs)) for ls in lsteps)
-        tr = Trainer("sft-all", "sft-all", model, tok, train_args("sft-all", cs, a))
-        rs = [tr.step(qs, seqs, qids, mask_all) for qs in chunk_batches][1:]  # first: untimed warm-up
+        nch = statistics.mean(len(student.length_chunks(ls, cs)) for ls in lsteps)
+        tr = Trainer("sft-all", "sft-all", model, tok, train_args("sft-all", cs, a), *data_args)
+        rs = [tr.step(qs) for qs in chunk_batches][1:]  # first: untimed warm-up
         st = statistics.median(r["total"] for r in rs)
         tps = sum(r["tokens"] for r in rs) / sum(r["total"] for r in rs)
         label = f"{cs}" if cs < 10 ** 6 else "one chunk"
@@ -304,7 +293,7 @@ def main(argv=None):
     mem = {}
     for t in [tr for tr in trainers if tr.name in ("sft-all", "mind", "mind β=0")]:
         before = t.persistent_bytes()
-        peak = allocator_peak(lambda: t.step(qs, seqs, qids, mask_all))
+        peak = allocator_peak(lambda: t.step(qs))
         mem[t.name] = (before, peak)
     for name, (before, peak) in mem.items():
         tot, ref_tot = before + peak, sum(mem["sft-all"])
@@ -322,7 +311,7 @@ def main(argv=None):
     out["summary"] = {"step_ratio": m, "step_ratio_all_selected": w, "padding_ratio": pad,
                       "padding_ratio_one_chunk": one, "memory_ratio": out["memory"]["mind"]["ratio"]}
     if a.json:
-        train.ev.write_json(a.json, out)
+        write_json(a.json, out)
     return out
 
 

@@ -5,10 +5,10 @@ Check train.py's memory plan (--dry-run) against a real training step on the CPU
     python scripts/measure_memory.py --family configs/Llama-3.1-8B -- --lora-r 8 --grad-checkpointing --max-len 64
 
 A scaled-down model of the family (its vocabulary, tying, biases, GQA ratio and MLP ratio; fewer and narrower
-layers) runs two optimiser steps of the real loop's step (train.student_objective with every rationale selected,
-backward, gradient clipping, AdamW). The peak of the second step (AdamW state exists by then) is read from the
+layers) runs two optimiser steps of the real loop's step (train.train_step with every rationale selected:
+forward, backward, gradient clipping, AdamW). The peak of the second step (AdamW state exists by then) is read from the
 allocator through torch.profiler(profile_memory=True): the bytes live when the step starts (weights, AdamW state)
-plus the highest running total of the step's own allocations. It is printed next to train.memory_plan for the same
+plus the highest running total of the step's own allocations. It is printed next to plan_memory.memory_plan for the same
 flags (after --), as JSON.
 """
 import argparse
@@ -24,7 +24,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import eval as ev  # noqa: E402
+import perspectives as P  # noqa: E402
+import student  # noqa: E402
 import train  # noqa: E402
+from mind import InertiaCalibrator, Mind  # noqa: E402
+from scripts import plan_memory  # noqa: E402
 
 
 def scaled_config(family: str, layers: int = 2, hidden: int = 256, heads: int = 4, vocab: int | None = None):
@@ -65,39 +69,45 @@ def live_bytes(tensors) -> int:
 
 
 def measure(cfg, flags: list[str], seed: int = 0) -> dict:
-    """-> {"plan": train.memory_plan(...), "measured_peak": bytes, "planned_peak": bytes, "ratio": plan/measured}"""
+    """-> {"plan": plan_memory.memory_plan(...), "measured_peak": bytes, "planned_peak": bytes, "ratio": plan/measured}"""
     from transformers import AutoModelForCausalLM
     ap = train.build_parser()
-    a = ap.parse_args(["--student", "scaled", "--device", "cpu", *flags])
-    train.check_args(ap, a)
-    a.precision = train.resolve_precision(a.precision, a.device)
+    argv = ["--student", "scaled", "--device", "cpu", *flags]
+    a = ap.parse_args(argv)
+    train.check_args(ap, a, train.given_flags(ap, argv))
+    a.precision = student.resolve_precision(a.precision, a.device)
     a.max_batch_tokens = a.max_batch_tokens or 8192  # as planned (the plan's default is the GPU's)
-    plan = train.memory_plan(cfg, a)
+    plan = plan_memory.memory_plan(cfg, a)
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)  # as train.load_pretrained loads it
+    dtype = torch.bfloat16 if a.lora_r and a.precision == "bf16-mixed" else torch.float32
+    model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)  # as student.load_student loads it
     if a.grad_checkpointing:
         model.activation_checkpointing_enable()
         model.config.use_cache = False
-    model = train.prepare_student(model, a).train()
-    opt = train.make_optimizer(model, a if a.lr else argparse.Namespace(lr=1e-4, weight_decay=a.weight_decay))
+    if a.lora_r:
+        student.add_lora(model, student.StudentSpec(name="scaled", precision=a.precision, lora_r=a.lora_r,
+                                                    lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout))
+    model.train()
+    opt = student.make_optimizer(model, a.lr or 1e-4, a.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
 
     # B questions × P rationales of exactly --max-len tokens, the worst case the plan assumes
     B, Pq, T = a.batch_size, plan["perspectives"], a.max_len
     gen = torch.Generator().manual_seed(seed)
     seqs = [[ev.Encoded(torch.randint(0, cfg.vocab_size, (T,), generator=gen).tolist(), prompt_len=min(16, T // 4),
-                        answer_start=T - 4, answer_end=T - 3) for _ in range(Pq)] for _ in range(B)]
-    selected = torch.ones(B, Pq, dtype=torch.bool)
-    alpha = selected.float() / Pq
-    unselected = torch.zeros_like(selected)
+                        answer_start=T - 4, answer_end=T - 3) for _ in range(Pq)] + [None] * (P.K - Pq)
+            for _ in range(B)]
+    mask = torch.zeros(B, P.K, dtype=torch.bool)
+    mask[:, :Pq] = True  # every rationale selected, uniform α: the plan's worst case
     tok = SimpleNamespace(pad_token_id=0, eos_token_id=0)
-
-    def step():  # the loop's step: loss, backward, clipping, AdamW, zero_grad
-        obj = train.student_objective(model, tok, seqs, selected, alpha, unselected, a)
-        obj.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    loop = train.Loop(model, tok, opt, sched, seqs, [str(b) for b in range(B)], mask,
+                      Mind(None, InertiaCalibrator(P.K, 0.9)), None, None,
+                      student.Compute("cpu", a.max_batch_tokens, a.precision))
+    method = train.METHODS[a.method]
+    cfg_step = train.StepConfig(cons_weight=a.cons_weight if method.consistency else 0.0,
+                                mcc_weight=a.mcc_weight if method.mcc else 0.0, max_grad_norm=1.0)
+    step = lambda: train.train_step(loop, cfg_step, 0, [list(range(B))])  # the loop's real step
 
     step()  # creates AdamW's state
     state = [p for p in model.parameters()] + [t for s in opt.state.values() for t in s.values()]

@@ -126,7 +126,7 @@ def metanet_probs(run_dir: str) -> dict:
         net.load_state_dict(state)
         net.eval()  # no dropout: the scores the MetaNet stands for
         with torch.no_grad():
-            return L.pi(net(features, mask), mask).exp()
+            return L.log_pi(net(features, mask), mask).exp()
 
     out = {}
     start = os.path.join(run_dir, "metanet_start.pt")
@@ -134,7 +134,7 @@ def metanet_probs(run_dir: str) -> dict:
         st = torch.load(start, map_location="cpu")
         out["start"], out["start_source"] = probs(st.get("metanet", st)), "MetaNet after warm-up"  # bare or wrapped
     else:
-        out["start"], out["start_source"] = L.pi(-l0.nan_to_num(0.0), mask).exp(), "warm-up target π(−ℓ⁰)"
+        out["start"], out["start_source"] = L.log_pi(-l0.nan_to_num(0.0), mask).exp(), "warm-up target π(−ℓ⁰)"
     for name in ("final_state.pt", os.path.join("ckpt", "trainer.pt")):
         path = os.path.join(run_dir, name)
         if os.path.exists(path):
@@ -149,7 +149,7 @@ def metanet_probs(run_dir: str) -> dict:
             if all(r is not None for r in rows):
                 mem = cal["memory"][rows].float()
                 m = mask & torch.isfinite(mem)
-                out["target_end"] = L.pi(-mem.nan_to_num(0.0), m).exp()
+                out["target_end"] = L.log_pi(-mem.nan_to_num(0.0), m).exp()
             break
     return {k: (v.masked_fill(~mask, float("nan")).numpy() if hasattr(v, "numpy") else v) for k, v in out.items()}
 
@@ -208,37 +208,6 @@ def plot_accuracy(report: dict, path: str, order: list[str], labels: dict[str, s
     fig.savefig(path, dpi=120)
     pyplot.close(fig)
     return path
-
-
-def make_all(out: str, seed: int, seeds: dict[str, list[int]], report: dict | None = None) -> list[str]:
-    """The reproduction's plots, from out/runs/<configuration>/<seed>/ for the seeds given per configuration, into
-    out/. -> paths written."""
-    runs = os.path.join(out, "runs")
-    done = []
-
-    def logs_of(name: str) -> list[list[dict]]:
-        paths = [os.path.join(runs, name, str(s), "log.jsonl") for s in seeds.get(name, [])]
-        return [r for r in (read_log(p) for p in paths if os.path.exists(p)) if r]
-
-    mind = logs_of("mind")
-    if mind:
-        done.append(plot_ck(mind, os.path.join(out, "ck_trends.png"), "MIND: per-perspective loss trend c_k"))
-    sel = {lab: lg for lab, lg in (("MIND", mind), ("w/o attention", logs_of("mind-no-attention")),
-                                   ("μ = 0", logs_of("mind-inertia0")), ("λ = 0", logs_of("mind-cons0")),
-                                   ("β = 0", logs_of("mind-beta0")),
-                                   ("β = 0.9", logs_of("mind-beta0.9"))) if lg}
-    if sel:
-        done.append(plot_selection(sel, os.path.join(out, "selection.png")))
-    d = os.path.join(runs, "mind", str(seed))
-    if seed in seeds.get("mind", []) and os.path.exists(os.path.join(d, "probe.pt")):
-        beta = json.load(open(os.path.join(d, "metrics.json")))["config"]["select_beta"]
-        done.append(plot_scores(metanet_probs(d), os.path.join(out, "metanet_scores.png"), f"MIND, seed {seed}", beta))
-    if report and report.get("rows"):
-        import reproduce
-        labels = {n: reproduce.label(n, report) for n in report["rows"]}
-        order = ["sft-best", "sft-all", "mcc", "mind", *reproduce.ABLATIONS]
-        done.append(plot_accuracy(report, os.path.join(out, "miniature.png"), order, labels))
-    return done
 
 
 def main(argv=None):

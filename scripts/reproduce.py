@@ -40,6 +40,7 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import perspectives as P  # noqa: E402  (the perspective keys; cheap, no model)
+import plots  # noqa: E402  (scripts/plots.py: matplotlib is imported only when a plot is drawn)
 
 TRAIN = os.path.join(REPO, "train.py")
 
@@ -438,6 +439,37 @@ def markdown(agg: dict, a, n_seeds: int, command: str) -> str:
 # -----------------------------------------------------------------------------
 
 
+def make_plots(out: str, seed: int, seeds: dict[str, list[int]], report: dict | None = None) -> list[str]:
+    """The reproduction's plots, from out/runs/<configuration>/<seed>/ for the seeds given per configuration, into
+    out/. -> paths written."""
+    runs = os.path.join(out, "runs")
+    done = []
+
+    def logs_of(name: str) -> list[list[dict]]:
+        paths = [os.path.join(runs, name, str(s), "log.jsonl") for s in seeds.get(name, [])]
+        return [r for r in (plots.read_log(p) for p in paths if os.path.exists(p)) if r]
+
+    mind = logs_of("mind")
+    if mind:
+        done.append(plots.plot_ck(mind, os.path.join(out, "ck_trends.png"), "MIND: per-perspective loss trend c_k"))
+    sel = {lab: lg for lab, lg in (("MIND", mind), ("w/o attention", logs_of("mind-no-attention")),
+                                   ("μ = 0", logs_of("mind-inertia0")), ("λ = 0", logs_of("mind-cons0")),
+                                   ("β = 0", logs_of("mind-beta0")),
+                                   ("β = 0.9", logs_of("mind-beta0.9"))) if lg}
+    if sel:
+        done.append(plots.plot_selection(sel, os.path.join(out, "selection.png")))
+    d = os.path.join(runs, "mind", str(seed))
+    if seed in seeds.get("mind", []) and os.path.exists(os.path.join(d, "probe.pt")):
+        beta = json.load(open(os.path.join(d, "metrics.json")))["config"]["select_beta"]
+        done.append(plots.plot_scores(plots.metanet_probs(d), os.path.join(out, "metanet_scores.png"),
+                                      f"MIND, seed {seed}", beta))
+    if report and report.get("rows"):
+        labels = {n: label(n, report) for n in report["rows"]}
+        order = ["sft-best", "sft-all", "mcc", "mind", *ABLATIONS]
+        done.append(plots.plot_accuracy(report, os.path.join(out, "miniature.png"), order, labels))
+    return done
+
+
 def main(argv=None):
     ap = build_parser()
     a = ap.parse_args(argv)
@@ -492,9 +524,8 @@ def main(argv=None):
     atomic_write(os.path.join(a.out, "miniature.md"), markdown(agg, a, len(a.seeds), command))
     print(f"wrote {os.path.join(a.out, 'miniature.md')} and miniature.json ({len(ok)}/{len(runs)} runs in)")
     if not a.no_plots and res:
-        import plots
         seeds = {n: sorted(d) for n, d in res.items()}  # finished runs with the planned flags only
-        for path in plots.make_all(a.out, seed=a.plot_seed if a.plot_seed is not None else a.seeds[0],
+        for path in make_plots(a.out, seed=a.plot_seed if a.plot_seed is not None else a.seeds[0],
                                    seeds=seeds, report=report):
             print(f"wrote {path}")
     if failed:

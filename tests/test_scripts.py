@@ -136,7 +136,7 @@ def test_makespan_longest_first():
 def test_end_to_end_tiny_then_resume_skips(tmp_path, monkeypatch):
     """Two real tiny runs through train.py; the second invocation launches nothing and rebuilds the same table."""
     args = ["--out", str(tmp_path), *BUDGET, "--seeds", "0", "--only", "sft-all,mind", "--save-every", "5",
-            "--", "--tiny-vocab", "300", "--meta-hidden", "16", "--eval-batch-size", "8"]
+            "--", "--tiny-vocab", "300", "--eval-batch-size", "8"]
     rep = reproduce.main(args)
     for name in ("sft-all", "mind"):
         d = tmp_path / "runs" / name / "0"

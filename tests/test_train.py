@@ -1,5 +1,4 @@
 """The training loop: gradients, every method and ablation, bad input, resume, and learning."""
-import argparse
 import json
 import os
 import signal
@@ -13,17 +12,12 @@ import torch
 import eval as ev
 import perspectives as P
 import train
-from conftest import REPO
-
-# a small, fast configuration of the real CLI
-FAST = ["--synthetic-n", "24", "--synthetic-n-test", "8", "--batch-size", "3", "--tiny-hidden", "32",
-        "--tiny-layers", "1", "--tiny-heads", "2", "--tiny-vocab", "300", "--eval-every", "2", "--eval-limit", "4",
-        "--max-new-tokens", "6", "--save-every", "0", "--no-progress", "--meta-warmup-epochs", "1"]
-
+from student import Compute, length_chunks, lr_lambda
+from conftest import REPO, fast_flags
 
 def run(tmp_path, *extra, steps=4):
     out = str(tmp_path / "out")
-    metrics = train.main(FAST + ["--steps", str(steps), "--out", out, *extra])
+    metrics = train.main(fast_flags("--steps", str(steps), "--out", out, *extra))
     log = [json.loads(l) for l in open(os.path.join(out, "log.jsonl"))]
     assert len(log) == steps and [r["step"] for r in log] == list(range(1, steps + 1))
     return metrics, log, out
@@ -42,11 +36,11 @@ def test_unselected_rationales_get_no_gradient(tiny, synth):
     selected[1, [5]] = True
     alpha = selected.float() / selected.sum(1, keepdim=True)
     unselected = ~selected
-    a = argparse.Namespace(method="mind", cons_weight=0.1, device="cpu", max_batch_tokens=4096)
+    compute = Compute(device="cpu", max_batch_tokens=4096)
 
     def grads(seqs):
         model.zero_grad()
-        obj = train.student_objective(model, tok, seqs, selected, alpha, unselected, a)
+        obj = train.student_objective(model, tok, seqs, selected, alpha, unselected, compute, cons_weight=0.1)
         obj.loss.backward()
         return obj, [p.grad.clone() for p in model.parameters()]
 
@@ -70,7 +64,7 @@ def test_unselected_rationales_get_no_gradient(tiny, synth):
 
 def test_length_chunks_bound_padding():
     lengths = [5, 50, 7, 52, 6, 49]
-    chunks = train.length_chunks(lengths, max_tokens=110)
+    chunks = length_chunks(lengths, max_tokens=110)
     assert sorted(i for c in chunks for i in c) == list(range(6))
     for c in chunks:
         assert len(c) * max(lengths[i] for i in c) <= 110
@@ -78,7 +72,7 @@ def test_length_chunks_bound_padding():
 
 
 def test_lr_schedule_warmup_then_cosine():
-    f = lambda s: train.lr_lambda(s, warmup=4, total=14, min_ratio=0.1)
+    f = lambda s: lr_lambda(s, warmup=4, total=14, min_ratio=0.1)
     assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert f(9) == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the cosine
     assert f(14) == pytest.approx(0.1) and f(100) == pytest.approx(0.1)
@@ -126,7 +120,12 @@ def test_no_metanet(tmp_path):
     _, log, out = run(tmp_path, "--no-metanet")
     for r in log:
         assert r["sel"] == 8 and r["alpha"] == [0.125] * 8 and r["cons"] > 0 and r["meta"] == 0
-    assert not os.path.exists(os.path.join(out, "probe.pt"))
+    # the probe seeds the calibrator as it does for MIND, so the ablation's logged c_k are comparable (defect 6):
+    # c_k after step 1 = μ · mean_q ℓ⁰_qk + (1 − μ) · (step 1's mean ℓ_k)
+    probe = torch.load(os.path.join(out, "probe.pt"))
+    assert probe["features"] is None
+    want = 0.9 * probe["l0"].mean(0) + 0.1 * torch.tensor(log[0]["loss_k"])
+    assert log[0]["c"] == pytest.approx(want.tolist(), rel=1e-5)
 
 
 def test_no_attention(tmp_path):
@@ -179,15 +178,15 @@ def test_demo_data_with_tiny_student(tmp_path):
 
 def test_bad_input_errors(tmp_path, capsys):
     with pytest.raises(SystemExit, match="no such file"):
-        train.main(FAST + ["--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")])
+        train.main(fast_flags("--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "q"}\nnot json\n')
     with pytest.raises(SystemExit, match="no usable training question"):
-        train.main(FAST + ["--data", str(bad), "--out", str(tmp_path / "o")])
+        train.main(fast_flags("--data", str(bad), "--out", str(tmp_path / "o")))
     assert f"{bad}:2" in capsys.readouterr().out
     for flags in (["--inertia", "1"], ["--select-beta", "-1"], ["--batch-size", "0"], ["--method", "sft", "--no-metanet"]):
         with pytest.raises(SystemExit):
-            train.main(FAST + flags + ["--out", str(tmp_path / "o")])
+            train.main(fast_flags(*flags, "--out", str(tmp_path / "o")))
     with pytest.raises(SystemExit, match="no checkpoint"):
         train.main(["--resume", str(tmp_path / "nothing")])
 
@@ -196,7 +195,7 @@ def test_bad_input_errors(tmp_path, capsys):
 
 
 def test_killed_and_resumed_run_matches_uninterrupted(tmp_path):
-    flags = FAST + ["--steps", "80", "--save-every", "10", "--eval-every", "0", "--batch-size", "4"]
+    flags = fast_flags("--steps", "80", "--save-every", "10", "--eval-every", "0", "--batch-size", "4")
     ref = str(tmp_path / "ref")
     train.main(flags + ["--out", ref])
     ref_log = [json.loads(l) for l in open(os.path.join(ref, "log.jsonl"))]
@@ -237,3 +236,126 @@ def test_eval_tasks_after_training(tmp_path):
     assert sum(1 for _ in open(os.path.join(out, "eval", "svamp.jsonl"))) == 3
     with pytest.raises(SystemExit, match="gpqa-csv"):  # before any training happens
         run(tmp_path, "--eval-tasks", "gpqa_diamond")
+
+
+# ---- regressions found in review (issue 10)
+
+
+def test_warmup_leaves_no_gradient_for_the_first_joint_step():
+    """The warm-up's last batch gradient must not be added to the first joint-stage MetaNet update."""
+    from metanet import MetaNet
+    torch.manual_seed(0)
+    net = MetaNet(6, 8, hidden=16, heads=2, score_heads=2, dropout=0.0)
+    feats, l0 = torch.randn(10, 8, 6), torch.rand(10, 8) * 3
+    mask = torch.ones(10, 8, dtype=torch.bool)
+    opt = train.warmup_metanet(net, feats, l0, mask, epochs=2, lr=1e-3, batch_size=4, tau=1.0, seed=0)
+    assert all(p.grad is None for p in net.parameters())
+    assert opt.param_groups[0]["lr"] == 1e-3 and len(opt.state) > 0  # it did train
+
+
+def test_calibrator_trend_advances_once_per_optimiser_step(tmp_path):
+    """c_k ← μ c_k + (1−μ) mean ℓ_k over the whole optimiser step, not once per micro-step."""
+    _, log, _ = run(tmp_path, "--grad-accum", "2", "--inertia", "0.5", "--select-beta", "0", steps=3)
+    for prev, r in zip(log, log[1:]):
+        want = [0.5 * c + 0.5 * l for c, l in zip(prev["c"], r["loss_k"])]
+        assert r["c"] == pytest.approx(want, rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--method", "mcc", "--cons-weight", "5"], "--cons-weight"),
+    (["--method", "sft-all", "--select-beta", "0.9"], "--select-beta"),
+    (["--method", "sft", "--probe-every", "3"], "--probe-every"),
+    (["--method", "mcc", "--ta-encoder", "x"], "--ta-encoder"),
+    (["--method", "sft-all", "--inertia", "0.5"], "--inertia"),
+    (["--method", "mind", "--mcc-weight", "1"], "--mcc-weight"),
+    (["--method", "sft-all", "--perspective", "intuitive"], "--perspective"),
+    (["--no-metanet", "--select-beta", "0.9"], "--select-beta"),
+    (["--lora-alpha", "8"], "--lora-alpha"),
+    (["--student", "Qwen2.5-1.5B", "--tiny-hidden", "64"], "--tiny-hidden"),
+    (["--data", "data/demo_perspectives.jsonl", "--synthetic-n", "10"], "--synthetic-n"),
+    (["--eval-every", "0", "--eval-limit", "9"], "--eval-limit"),
+    (["--eval-tasks-limit", "3"], "--eval-tasks-limit"),
+    (["--gpqa-csv", "x.csv"], "--gpqa-csv"),
+])
+def test_a_flag_without_effect_is_an_error(argv, named, capsys):
+    with pytest.raises(SystemExit):
+        train.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert named in err and "no effect" in err
+
+
+def test_resume_refuses_changed_flags_and_applies_allowed_ones(tmp_path, capsys):
+    _, _, out = run(tmp_path, "--save-every", "2", steps=4)
+    with pytest.raises(SystemExit):
+        train.main(["--resume", out, "--steps", "6", "--lr", "0.1"])
+    err = capsys.readouterr().err
+    assert "--lr" in err and "cannot change" in err and "--steps" not in err.splitlines()[-1]
+    state = torch.load(os.path.join(out, "ckpt", "trainer.pt"), weights_only=False)
+    assert state["args"]["device"] is None and state["args"]["precision"] == "auto"  # not pinned to this machine
+    m = train.main(["--resume", out, "--steps", "6", "--eval-every", "5"])  # extends the run
+    log = [json.loads(l) for l in open(os.path.join(out, "log.jsonl"))]
+    assert [r["step"] for r in log] == list(range(1, 7)) and m["steps"] == 6
+    assert m["config"]["eval_every"] == 5 and "eval" in log[4]  # step 5 evaluated under the new flag
+    assert "eval" not in log[3] and "eval" not in log[5]
+
+
+@pytest.mark.parametrize("kill_at", range(9))
+def test_a_kill_during_save_leaves_a_checkpoint_resume_finds(tmp_path, monkeypatch, tiny, kill_at):
+    """Kill save_checkpoint at its kill_at-th file operation (the swap of ckpt/ and ckpt.tmp/ included): the newest
+    complete checkpoint, the new one or the previous one, is still found, and it loads."""
+    import shutil
+
+    import student
+    from transformers import AutoModelForCausalLM
+    model, tok = tiny
+    out = str(tmp_path)
+    student.save_checkpoint(out, model, tok, {"step": 2})
+
+    class Killed(BaseException):
+        pass
+
+    ops = {"n": 0}
+
+    def dying(fn):
+        def f(*args, **kw):
+            if ops["n"] == kill_at:
+                raise Killed
+            ops["n"] += 1
+            return fn(*args, **kw)
+        return f
+
+    monkeypatch.setattr(os, "replace", dying(os.replace))
+    monkeypatch.setattr(os, "remove", dying(os.remove))
+    monkeypatch.setattr(shutil, "rmtree", dying(shutil.rmtree))
+    try:
+        student.save_checkpoint(out, model, tok, {"step": 4})
+        finished = True
+    except Killed:
+        finished = False
+    monkeypatch.undo()
+    found = student.find_checkpoint(out)
+    assert found is not None, sorted(os.listdir(out))
+    step = torch.load(os.path.join(found, "trainer.pt"), weights_only=False)["step"]
+    assert step == 4 if finished else step in (2, 4)
+    AutoModelForCausalLM.from_pretrained(found)
+
+
+def test_resume_from_the_swap_instant(tmp_path):
+    """The instant the review found: ckpt/ already moved away, the new checkpoint still in ckpt.tmp/."""
+    _, ref_log, out = run(tmp_path, "--save-every", "2", "--eval-every", "0", steps=4)
+    os.replace(os.path.join(out, "ckpt"), os.path.join(out, "ckpt.tmp"))
+    m = train.main(["--resume", out, "--steps", "5"])
+    log = [json.loads(l) for l in open(os.path.join(out, "log.jsonl"))]
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5] and log[:4] == ref_log and m["steps"] == 5
+
+
+def test_gguf_error_names_every_missing_package(tmp_path, monkeypatch):
+    import importlib.util
+
+    import student
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"GGUF")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "accelerate" else real(n, *a))
+    with pytest.raises(SystemExit, match="accelerate"):
+        student.load_pretrained(str(f), "sdpa", torch.float32)
