@@ -349,6 +349,24 @@ def test_resume_from_the_swap_instant(tmp_path):
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5] and log[:4] == ref_log and m["steps"] == 5
 
 
+def test_checkpoint_loads_with_plain_transformers_and_gives_the_training_ids(tmp_path, tiny, synth):
+    """AutoTokenizer.from_pretrained(OUT/ckpt) must tokenise exactly as the tokenizer the student trained with."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model, tok = tiny
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    texts = [ex.question for ex in synth["train"][:20]] + [r for ex in synth["train"][:5] for r in ex.rationales.values()]
+    texts += [" 3 apples", "12+7=19", "The answer is 42.", "naïve café"]
+    for t in texts:
+        assert loaded(t)["input_ids"] == tok(t)["input_ids"], t
+    msgs = [{"role": "user", "content": "How many? 3 + 4"}]
+    assert loaded.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == \
+        tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert loaded.eos_token == tok.eos_token and loaded.pad_token == tok.pad_token
+    assert AutoModelForCausalLM.from_pretrained(tmp_path).config.vocab_size == len(tok)
+
+
 def test_gguf_error_names_every_missing_package(tmp_path, monkeypatch):
     import importlib.util
 
