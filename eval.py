@@ -229,6 +229,30 @@ _PHRASE_RE = re.compile(r"(?:\banswer\s*(?:is|:|=|would be|should be)|####)\s*:?
 _LETTER_SCAN_RE = re.compile(r"\(([A-Ja-j])\)|(?<![\w(])([A-J])\)|(?<![\w'’\\-])([A-J])(?![\w'’-])")
 
 
+# A final answer the model did not commit to is no answer. Graders that read the first answer-like token would pass
+# "not 5" for gold 5 and "A or B" for gold A, and the teacher judge would then rewrite such a rationale into a
+# confident final line. Negated: "not 5", "definitely not A", "isn't 5" (the phrase "answer is" leaves "n't 5").
+_NEGATED_RE = re.compile(r"^[\W_]*(?:[a-z]{3,}ly\s+)?(?:not|never)\b|^\W*n't\b", re.IGNORECASE)
+# Conditional or unsure: "yes or no, depending on ...", "it depends", "maybe 5", "either A or B".
+_UNSURE_RE = re.compile(r"\bdepend(?:s|ing)\b|^[\W_]*(?:either|maybe|perhaps|possibly)\b", re.IGNORECASE)
+# Alternatives: "or" before a second answer of the task's kind. Only then, because choice texts hold "or" ("B) city
+# or town"), and "150 minutes, or 2.5 hours" restates one answer (a comma before "or" is not an alternative).
+# Expressions have none: "x = 2 or x = 3" is how a MATH answer lists the solutions of an equation.
+_ALTERNATIVE_RE = {
+    "number": re.compile(r"(?<![,;])\s(?:or|and/or)\s+[-$\\(]*\d"),
+    "letter": re.compile(r"(?<![,;])\s(?:or|and/or)\s+(?:\(?[A-J]\b|\([a-j]\))"),
+    "yesno": re.compile(r"(?i)(?<![,;])\s(?:or|and/or)\s+(?:yes|no|true|false)\b"),
+}
+
+
+def _hedged(kind: str, s: str) -> bool:
+    """Whether an answer string is negated, conditional or a choice between alternatives (looked for in its first
+    sentence, so later reasoning on the same line does not count)."""
+    first = re.split(r"\.(?:\s|$)|\n", s.strip())[0]
+    alternative = _ALTERNATIVE_RE.get(kind)
+    return bool(_NEGATED_RE.search(first) or _UNSURE_RE.search(first) or (alternative and alternative.search(first)))
+
+
 def _valid(kind: str, letters: str, s: str) -> bool:
     if kind == "number":
         return to_number(s) is not None
@@ -243,7 +267,12 @@ def _from_phrase(kind: str, letters: str, s: str) -> str | None:
     """The answer at the start of the text after 'answer is'."""
     s = s.strip()
     if kind == "number":
-        nums = _NUM_RE.findall(_unwrap(s))
+        t = re.split(r"\.(?:\s|$)", _unwrap(s))[0]
+        # "2 + 3 = 5": an equation that opens the answer means its result, the value after its last "="
+        eq = re.match(r"(?:[^=a-zA-Z\\]|\\[a-zA-Z]+)*=(?:[^a-zA-Z\\]|\\[a-zA-Z]+)*", t)
+        if eq:
+            t = eq.group(0).rsplit("=", 1)[-1]
+        nums = _NUM_RE.findall(t)
         return nums[0] if nums else None
     if kind == "letter":
         return _letter(s, letters)
@@ -267,7 +296,9 @@ def _scan(kind: str, letters: str, text: str) -> str | None:
             if L.upper() in letters:
                 return L.upper()
         return None
-    m = re.findall(r"\b(yes|no|true|false)\b", text, re.IGNORECASE)
+    # "no" before a noun is a determiner, not an answer: "Yes, no doubt." answers yes
+    m = re.findall(r"\b(yes|true|false|no(?![ \t]+(?!(?:because|since|as|but|and|so|it|they|he|she|this|that|there|i|we)\b)[a-z]))\b",
+                   text, re.IGNORECASE)
     return m[-1] if m else None
 
 
@@ -284,14 +315,20 @@ def extract_answer(task: str, text: str, strict: bool = False) -> str | None:
         if m:  # the last final line wins (models sometimes restate)
             final = m.group(1).strip()
             break
+    if final is not None and _hedged(kind, final):
+        return None  # the model's last word commits to nothing; an answer read from earlier text would not be its own
     if strict:
         return final
     if final is not None and _valid(kind, letters, final):
         return final
     b = last_boxed(text)
+    if b is not None and _hedged(kind, _unwrap(b)):
+        return None
     if b is not None and _valid(kind, letters, b):
         return b
     for m in reversed(list(_PHRASE_RE.finditer(text))):
+        if _hedged(kind, m.group(1)):
+            return None
         found = _from_phrase(kind, letters, m.group(1))
         if found is not None:
             return found
@@ -302,9 +339,9 @@ def is_correct(task: str, pred: str | None, gold: str) -> bool:
     """Whether an extracted answer matches the gold one, for a task name or an answer kind. Numbers compare as
     numbers (commas, $, %, unit words and trailing .0 ignored; 3/4 == 0.75); MATH expressions with math_verify;
     letters case-insensitively; yes/no/true/false as booleans."""
-    if pred is None:
-        return False
     kind, letters = task_spec(task)
+    if pred is None or _hedged(kind, pred):  # "not 5" / "A or B" passed in directly is no answer either
+        return False
     if kind == "number":
         p, g = to_number(pred), to_number(gold)
         if p is not None and g is not None:

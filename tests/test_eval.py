@@ -145,6 +145,23 @@ CASES = [
     ("math500", "The answer is 0.5.", "0.5", "0.5", "\\frac{1}{2}", True),
     ("math500", "The answer is Evelyn.", "Evelyn", "Evelyn", "\\text{Evelyn}", True),
     ("math500", "The answer is 5.4.", "5.4", "5.4", "5.4 \\text{ cents}", True),
+    # a negated, conditional or either-or final answer is no answer (it was graded correct)
+    ("gsm8k", "The answer is not 5.", None, None, "5", False),
+    ("svamp", "So the answer isn't 5.", None, None, "5", False),
+    ("gsm8k", "The answer is 5 or 18.", None, None, "5", False),
+    ("csqa", "The answer is A or B.", None, None, "A", False),
+    ("csqa", "\\boxed{A or B}", None, None, "A", False),
+    ("strategyqa", "The answer is yes or no, depending on the year.", None, None, "yes", False),
+    ("strategyqa", "Frost is common.\nThe answer is unclear, it depends. Maybe yes.", None, None, "yes", False),
+    # ... but "or" inside a choice text, a restatement after a comma and MATH's list of solutions are answers
+    ("csqa", "The answer is B) city or town.", "B) city or town", "B) city or town", "B", True),
+    ("gsm8k", "So the answer is 150 minutes, or 2.5 hours.", None, "150", "150", True),
+    ("math500", "The answer is $x=2$ or $x=3$.", "$x=2$ or $x=3$", "$x=2$ or $x=3$", "2, 3", True),
+    # an equation opening the answer means its result (it gave 2); "no" before a noun is no answer (it gave no)
+    ("gsm8k", "So the answer is 2 + 3 = 5.", None, "5", "5", True),
+    ("gsm8k", "so the answer is $2 \\times 4 = 8$ apples, not 9.", None, "8", "8", True),
+    ("strategyqa", "Yes, no doubt.", None, "Yes", "yes", True),
+    ("strategyqa", "Frost forms in May, so no: it is not common.", None, "no", "no", True),
 ]
 
 
@@ -153,6 +170,18 @@ def test_extract_and_grade(task, text, strict, flexible, gold, correct):
     assert ev.extract_answer(task, text, strict=True) == strict
     assert ev.extract_answer(task, text) == flexible
     assert ev.is_correct(task, flexible, gold) is correct
+
+
+@pytest.mark.parametrize("task,text,gold", [("gsm8k", "Step.\nThe answer is not 5.", "5"),
+                                            ("csqa", "Step.\nThe answer is A or B.", "A"),
+                                            ("strategyqa", "Step.\nThe answer is yes or no, depending on the year.", "yes"),
+                                            ("gsm8k", "Step.\nThe answer is 5 or 18.", "5")])
+def test_hedged_final_line_is_wrong_strict_and_flexible(task, text, gold):
+    """What eval.grade and the teacher judge see: neither grading passes a hedged final line."""
+    g = ev.grade(task, text, gold)
+    assert g == {"pred": None, "pred_strict": None, "correct": False, "correct_strict": False}
+    body_answer = text.split("The answer is ")[1].rstrip(".")
+    assert not ev.is_correct(task, body_answer, gold)  # passed straight to the grader: still wrong
 
 
 def test_strict_and_flexible_grading_differ():
