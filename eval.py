@@ -78,6 +78,7 @@ GPQA_HELP = ("GPQA-Diamond is distributed password-protected and may not be repu
              "download dataset.zip from https://github.com/idavidrein/gpqa (the password is in its README) or the "
              "gated Hugging Face dataset Idavidrein/gpqa, and pass --gpqa-csv path/to/gpqa_diamond.csv")
 GPQA_SEED = 0  # choice order of every GPQA question: a fixed function of this seed and the question text
+GPQA_COLUMNS = ("Question", "Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2", "Incorrect Answer 3")
 
 
 def task_spec(task: str) -> tuple[str, str]:
@@ -405,8 +406,7 @@ def with_choices(question: str, labels: list[str], texts: list[str]) -> str:
 def gpqa_choices(row: dict, seed: int = GPQA_SEED) -> tuple[list[str], str]:
     """The four answers of a GPQA row in a shuffled order and the letter of the correct one. The order is a fixed
     function of (seed, question text), so it is the same in every run, whatever the file order or --limit."""
-    cols = ("Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2", "Incorrect Answer 3")
-    texts = [str(row[k]).strip() for k in cols]
+    texts = [str(row[k]).strip() for k in GPQA_COLUMNS[1:]]
     order = list(range(4))
     random.Random(f"gpqa:{seed}:{str(row['Question']).strip()}").shuffle(order)  # str seeds hash stably (sha512)
     return [texts[i] for i in order], "ABCD"[order.index(0)]
@@ -515,6 +515,14 @@ def task_path(task: str, data_dir: str | None = None, gpqa_csv: str | None = Non
             raise SystemExit(f"error: task gpqa_diamond needs --gpqa-csv. {GPQA_HELP}")
         if not os.path.isfile(gpqa_csv):
             raise SystemExit(f"error: --gpqa-csv {gpqa_csv}: no such file. {GPQA_HELP}")
+        # checked here, before any model is loaded; each row would otherwise fail as an "unknown row schema"
+        with open(gpqa_csv, encoding="utf-8-sig", newline="") as f:
+            header = next(csv.reader(f), [])
+        missing = [c for c in GPQA_COLUMNS if c not in header]
+        if missing:
+            raise SystemExit(f"error: --gpqa-csv {gpqa_csv}: missing columns {', '.join(repr(c) for c in missing)} "
+                             f"(has {', '.join(repr(c) for c in header[:8]) or 'no header'}); expected the official "
+                             f"gpqa_diamond.csv. {GPQA_HELP}")
         return gpqa_csv
     if task in TASKS:
         path = os.path.join(data_dir or DATA_DIR, TASKS[task].file)

@@ -374,3 +374,17 @@ def test_cli_errors(capsys):
         with pytest.raises(SystemExit):
             ev.main(["--model", "unused", *argv])
         assert msg in capsys.readouterr().err
+
+
+def test_gpqa_csv_without_its_columns_is_one_line_naming_file_and_columns(tmp_path):
+    p = tmp_path / "gpqa.csv"
+    p.write_text("Question,Correct answer,Incorrect Answer 1,Incorrect Answer 2\nq,a,b,c\n")
+    for call in (lambda: ev.task_path("gpqa_diamond", gpqa_csv=str(p)),
+                 lambda: ev.load_task("gpqa_diamond", gpqa_csv=str(p))):
+        with pytest.raises(SystemExit) as e:
+            call()
+        msg = str(e.value)
+        assert "\n" not in msg and f"--gpqa-csv {p}: missing columns 'Correct Answer', 'Incorrect Answer 3'" in msg
+    p.write_text("")
+    with pytest.raises(SystemExit, match="missing columns 'Question', .* \\(has no header\\)"):
+        ev.task_path("gpqa_diamond", gpqa_csv=str(p))
