@@ -785,20 +785,20 @@ def summarize(records: list[dict]) -> dict:
             "no_final_line": sum(r["pred_strict"] is None for r in records)}
 
 
-def write_jsonl(path: str, rows: list[dict]) -> None:
+def write_text(path: str, text: str) -> None:
     """Atomically: a crash leaves the old file or the new one, never half of one."""
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        f.write(text)
     os.replace(tmp, path)
+
+
+def write_jsonl(path: str, rows: list[dict]) -> None:
+    write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def write_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
 def read_cache(path: str) -> dict[str, dict]:
@@ -926,6 +926,83 @@ def format_table(results: dict[str, dict]) -> str:
         lines.append(f"| mean | | {sum(m['n'] for m in ms)} | {strict:.1f} | {flexible:.1f} | "
                      f"{sum(m['no_answer'] for m in ms)} | {sum(m['no_final_line'] for m in ms)} |")
     return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# The paper's results table: base model and trained students side by side, accuracy per benchmark, the
+# in-distribution and out-of-distribution averages, and each row's gain over the base model
+
+ID_TASKS = tuple(t for t in TASKS if TASKS[t].split == "ID")  # gsm8k, svamp, math500
+OOD_TASKS = tuple(t for t in TASKS if TASKS[t].split == "OOD")  # csqa, strategyqa, gpqa_diamond
+# the paper's column order and headers
+PAPER_COLUMNS = {"math500": "MATH500", "gsm8k": "GSM8K", "svamp": "SVAMP", "csqa": "CSQA",
+                 "strategyqa": "StrategyQA", "gpqa_diamond": "GPQA-D", "id_avg": "ID avg", "ood_avg": "OOD avg"}
+AVERAGES = {"id_avg": ID_TASKS, "ood_avg": OOD_TASKS}
+
+
+def results_table(rows: dict[str, dict[str, dict]], base: str | None = "base") -> dict:
+    """The paper's table from {row name: {task: metrics with 'accuracy' (0-1)}} (evaluate_tasks' results per model).
+    -> {"columns": [task..., "id_avg", "ood_avg"], "headers": {column: header}, "base": base row or None,
+        "rows": {name: {column: percent}}, "gain": {name: {column: points over the base row}}}.
+    Accuracies are percents with one decimal; an average is the mean over the tasks of its group that the row has,
+    and averages and gains are computed from the one-decimal numbers, so the table checks by hand. A task no row
+    has is not a column; a cell a row lacks is None (no average or gain needs it). A gain on an average is None
+    unless the row and the base row average the same tasks. Other entries of a row (data files, train.py's
+    synthetic "id"/"ood" sets) are not in the paper's layout and are left out."""
+    tasks = [t for t in PAPER_COLUMNS if t in TASKS and any(t in r for r in rows.values())]
+    table_rows = {}
+    for name, metrics in rows.items():
+        row = {t: round(100 * metrics[t]["accuracy"], 1) if t in metrics else None for t in tasks}
+        for avg, group in AVERAGES.items():
+            vals = [row[t] for t in group if row.get(t) is not None]
+            row[avg] = round(sum(vals) / len(vals), 1) if vals else None
+        table_rows[name] = row
+    base = base if base in rows else None
+    gain = {}
+    if base is not None:
+        b = table_rows[base]
+        for name, row in table_rows.items():
+            if name == base:
+                continue
+            g = {t: None if row[t] is None or b[t] is None else round(row[t] - b[t], 1) for t in tasks}
+            for avg, group in AVERAGES.items():
+                same = [t for t in group if row.get(t) is not None] == [t for t in group if b.get(t) is not None]
+                g[avg] = round(row[avg] - b[avg], 1) if same and row[avg] is not None else None
+            gain[name] = g
+    columns = tasks + list(AVERAGES)
+    return {"columns": columns, "headers": {c: PAPER_COLUMNS[c] for c in columns}, "base": base,
+            "rows": table_rows, "gain": gain}
+
+
+def format_results_md(table: dict, skipped: dict[str, str] | None = None) -> str:
+    """Markdown of results_table: the base row first, the others in their order, then one line per row with its
+    gain over the base row; a missing cell is "—". skipped {task: reason} (default the table's own "skipped")
+    adds a note line per benchmark that was not evaluated, GPQA-Diamond when no --gpqa-csv was given."""
+    skipped = table.get("skipped", {}) if skipped is None else skipped
+    cols, rows, base = table["columns"], table["rows"], table["base"]
+    names = ([base] if base is not None else []) + [n for n in rows if n != base]
+
+    def cells(values: dict, fmt: str) -> str:
+        return " | ".join("—" if values.get(c) is None else format(values[c], fmt) for c in cols)
+
+    lines = ["| | " + " | ".join(table["headers"][c] for c in cols) + " |", "|---|" + "---:|" * len(cols)]
+    lines += [f"| {n} | {cells(rows[n], '.1f')} |" for n in names]
+    lines += [f"| {n} − {base} | {cells(table['gain'][n], '+.1f')} |" for n in names if n in table["gain"]]
+    if skipped:
+        lines.append("")
+    lines += [f"Note: {PAPER_COLUMNS.get(t, t)} was not evaluated: {reason}" for t, reason in skipped.items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(out_dir: str, rows: dict[str, dict[str, dict]], skipped: dict[str, str] | None = None,
+                  base: str | None = "base") -> dict:
+    """OUT/results.json (the table, the skipped benchmarks and the metrics it was made from, so a later script can
+    put rows of several runs in one table) and OUT/results.md, each written atomically. Returns the table."""
+    table = {**results_table(rows, base), "skipped": dict(skipped or {})}
+    os.makedirs(out_dir, exist_ok=True)
+    write_json(os.path.join(out_dir, "results.json"), {**table, "metrics": rows})
+    write_text(os.path.join(out_dir, "results.md"), format_results_md(table))
+    return table
 
 
 # -----------------------------------------------------------------------------
