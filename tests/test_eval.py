@@ -466,3 +466,30 @@ def test_gpqa_csv_without_its_columns_is_one_line_naming_file_and_columns(tmp_pa
     p.write_text("")
     with pytest.raises(SystemExit, match="missing columns 'Question', .* \\(has no header\\)"):
         ev.task_path("gpqa_diamond", gpqa_csv=str(p))
+
+
+# ---- the shipped paper-sized training set
+
+def test_shipped_training_set_is_whole_graded_and_disjoint_from_the_benchmarks():
+    import re
+
+    import perspectives as P
+    path = os.path.join(os.path.dirname(ev.DATA_DIR), "mind_gsm8k_train.jsonl")
+    warnings = []
+    exs = P.read_training_jsonl(path, warn=warnings.append)
+    assert warnings == [] and len(exs) == 518 and len({e.id for e in exs}) == 518
+    assert all(sorted(e.rationales) == sorted(P.KEYS) for e in exs)  # 8 perspectives each
+    # every final line is right by today's strict grader (the judge that kept them was an earlier one)
+    assert all(ev.is_correct("number", ev.extract_answer("number", r, strict=True), e.answer)
+               for e in exs for r in e.rationales.values())
+
+    def norm(s):
+        return re.sub(r"\s+", " ", s).strip().lower()
+
+    bench = set()
+    for task in ("gsm8k", "svamp", "math500", "csqa", "strategyqa"):
+        for r in ev.load_task(task):
+            bench.add(norm(r["question"]))
+            bench.add(norm(r["question"].split("\nA. ")[0]))  # a CommonsenseQA stem without its choices
+    assert len(bench) > 5000 and norm("  " + ev.load_task("gsm8k")[0]["question"].upper()) in bench  # it can match
+    assert [e.id for e in exs if norm(e.question) in bench] == []
