@@ -995,13 +995,13 @@ def format_results_md(table: dict, skipped: dict[str, str] | None = None) -> str
 
 
 def write_results(out_dir: str, rows: dict[str, dict[str, dict]], skipped: dict[str, str] | None = None,
-                  base: str | None = "base") -> dict:
-    """OUT/results.json (the table, the skipped benchmarks and the metrics it was made from, so a later script can
-    put rows of several runs in one table) and OUT/results.md, each written atomically. Returns the table."""
+                  base: str | None = "base", name: str = "results") -> dict:
+    """OUT/<name>.json (the table, the skipped benchmarks and the metrics it was made from, so a later script can
+    put rows of several runs in one table) and OUT/<name>.md, each written atomically. Returns the table."""
     table = {**results_table(rows, base), "skipped": dict(skipped or {})}
     os.makedirs(out_dir, exist_ok=True)
-    write_json(os.path.join(out_dir, "results.json"), {**table, "metrics": rows})
-    write_text(os.path.join(out_dir, "results.md"), format_results_md(table))
+    write_json(os.path.join(out_dir, f"{name}.json"), {**table, "metrics": rows})
+    write_text(os.path.join(out_dir, f"{name}.md"), format_results_md(table))
     return table
 
 
