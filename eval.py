@@ -232,8 +232,9 @@ _LETTER_SCAN_RE = re.compile(r"\(([A-Ja-j])\)|(?<![\w(])([A-J])\)|(?<![\w'’\\-
 
 # A final answer the model did not commit to is no answer. Graders that read the first answer-like token would pass
 # "not 5" for gold 5 and "A or B" for gold A, and the teacher judge would then rewrite such a rationale into a
-# confident final line. Negated: "not 5", "definitely not A", "isn't 5" (the phrase "answer is" leaves "n't 5").
-_NEGATED_RE = re.compile(r"^[\W_]*(?:[a-z]{3,}ly\s+)?(?:not|never)\b|^\W*n't\b", re.IGNORECASE)
+# confident final line. Negated: "not 5", "definitely not A", "neither A nor B", "none of them", "isn't 5" (the
+# phrase "answer is" leaves "n't 5").
+_NEGATED_RE = re.compile(r"^[\W_]*(?:[a-z]{3,}ly\s+)?(?:not|never|neither|none)\b|^\W*n't\b", re.IGNORECASE)
 # Conditional or unsure: "yes or no, depending on ...", "it depends", "maybe 5", "either A or B".
 _UNSURE_RE = re.compile(r"\bdepend(?:s|ing)\b|^[\W_]*(?:either|maybe|perhaps|possibly)\b", re.IGNORECASE)
 # Alternatives: "or" before a second answer of the task's kind. Only then, because choice texts hold "or" ("B) city

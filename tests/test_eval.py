@@ -151,6 +151,7 @@ CASES = [
     ("gsm8k", "The answer is 5 or 18.", None, None, "5", False),
     ("csqa", "The answer is A or B.", None, None, "A", False),
     ("csqa", "\\boxed{A or B}", None, None, "A", False),
+    ("csqa", "A is tempting.\nThe answer is neither A nor B.", None, None, "B", False),
     ("strategyqa", "The answer is yes or no, depending on the year.", None, None, "yes", False),
     ("strategyqa", "Frost is common.\nThe answer is unclear, it depends. Maybe yes.", None, None, "yes", False),
     # ... but "or" inside a choice text, a restatement after a comma and MATH's list of solutions are answers
