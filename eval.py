@@ -308,7 +308,9 @@ def extract_answer(task: str, text: str, strict: bool = False) -> str | None:
     """The answer in a generation, for a task name (gsm8k, csqa, ...) or an answer kind (number, expression,
     letter, yesno). Strict: X of the last canonical final line `The answer is X.`, as written. Flexible (default):
     that X if it is an answer of the task's kind, else the last \\boxed{}, else the last "answer is X" /
-    "Answer: X" / "#### X", else the last number / choice letter / yes-no in the text. None when nothing is found."""
+    "Answer: X" / "#### X", else the last number / choice letter / yes-no in the text. None when nothing is found,
+    and when the answer it would read is negated, conditional or a choice between alternatives ("not 5", "A or B",
+    "yes or no, depending on ...")."""
     kind, letters = task_spec(task)
     text = text.replace("\u2212", "-")
     final = None
@@ -340,7 +342,7 @@ def extract_answer(task: str, text: str, strict: bool = False) -> str | None:
 def is_correct(task: str, pred: str | None, gold: str) -> bool:
     """Whether an extracted answer matches the gold one, for a task name or an answer kind. Numbers compare as
     numbers (commas, $, %, unit words and trailing .0 ignored; 3/4 == 0.75); MATH expressions with math_verify;
-    letters case-insensitively; yes/no/true/false as booleans."""
+    letters case-insensitively; yes/no/true/false as booleans. A negated or hedged pred ("not 5") is wrong."""
     kind, letters = task_spec(task)
     if pred is None or _hedged(kind, pred):  # "not 5" / "A or B" passed in directly is no answer either
         return False
