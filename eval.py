@@ -78,6 +78,7 @@ GPQA_HELP = ("GPQA-Diamond is distributed password-protected and may not be repu
              "download dataset.zip from https://github.com/idavidrein/gpqa (the password is in its README) or the "
              "gated Hugging Face dataset Idavidrein/gpqa, and pass --gpqa-csv path/to/gpqa_diamond.csv")
 GPQA_SEED = 0  # choice order of every GPQA question: a fixed function of this seed and the question text
+GPQA_COLUMNS = ("Question", "Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2", "Incorrect Answer 3")
 
 
 def task_spec(task: str) -> tuple[str, str]:
@@ -229,6 +230,31 @@ _PHRASE_RE = re.compile(r"(?:\banswer\s*(?:is|:|=|would be|should be)|####)\s*:?
 _LETTER_SCAN_RE = re.compile(r"\(([A-Ja-j])\)|(?<![\w(])([A-J])\)|(?<![\w'’\\-])([A-J])(?![\w'’-])")
 
 
+# A final answer the model did not commit to is no answer. Graders that read the first answer-like token would pass
+# "not 5" for gold 5 and "A or B" for gold A, and the teacher judge would then rewrite such a rationale into a
+# confident final line. Negated: "not 5", "definitely not A", "neither A nor B", "none of them", "isn't 5" (the
+# phrase "answer is" leaves "n't 5").
+_NEGATED_RE = re.compile(r"^[\W_]*(?:[a-z]{3,}ly\s+)?(?:not|never|neither|none)\b|^\W*n't\b", re.IGNORECASE)
+# Conditional or unsure: "yes or no, depending on ...", "it depends", "maybe 5", "either A or B".
+_UNSURE_RE = re.compile(r"\bdepend(?:s|ing)\b|^[\W_]*(?:either|maybe|perhaps|possibly)\b", re.IGNORECASE)
+# Alternatives: "or" before a second answer of the task's kind. Only then, because choice texts hold "or" ("B) city
+# or town"), and "150 minutes, or 2.5 hours" restates one answer (a comma before "or" is not an alternative).
+# Expressions have none: "x = 2 or x = 3" is how a MATH answer lists the solutions of an equation.
+_ALTERNATIVE_RE = {
+    "number": re.compile(r"(?<![,;])\s(?:or|and/or)\s+[-$\\(]*\d"),
+    "letter": re.compile(r"(?<![,;])\s(?:or|and/or)\s+(?:\(?[A-J]\b|\([a-j]\))"),
+    "yesno": re.compile(r"(?i)(?<![,;])\s(?:or|and/or)\s+(?:yes|no|true|false)\b"),
+}
+
+
+def _hedged(kind: str, s: str) -> bool:
+    """Whether an answer string is negated, conditional or a choice between alternatives (looked for in its first
+    sentence, so later reasoning on the same line does not count)."""
+    first = re.split(r"\.(?:\s|$)|\n", s.strip())[0]
+    alternative = _ALTERNATIVE_RE.get(kind)
+    return bool(_NEGATED_RE.search(first) or _UNSURE_RE.search(first) or (alternative and alternative.search(first)))
+
+
 def _valid(kind: str, letters: str, s: str) -> bool:
     if kind == "number":
         return to_number(s) is not None
@@ -243,7 +269,12 @@ def _from_phrase(kind: str, letters: str, s: str) -> str | None:
     """The answer at the start of the text after 'answer is'."""
     s = s.strip()
     if kind == "number":
-        nums = _NUM_RE.findall(_unwrap(s))
+        t = re.split(r"\.(?:\s|$)", _unwrap(s))[0]
+        # "2 + 3 = 5": an equation that opens the answer means its result, the value after its last "="
+        eq = re.match(r"(?:[^=a-zA-Z\\]|\\[a-zA-Z]+)*=(?:[^a-zA-Z\\]|\\[a-zA-Z]+)*", t)
+        if eq:
+            t = eq.group(0).rsplit("=", 1)[-1]
+        nums = _NUM_RE.findall(t)
         return nums[0] if nums else None
     if kind == "letter":
         return _letter(s, letters)
@@ -267,7 +298,9 @@ def _scan(kind: str, letters: str, text: str) -> str | None:
             if L.upper() in letters:
                 return L.upper()
         return None
-    m = re.findall(r"\b(yes|no|true|false)\b", text, re.IGNORECASE)
+    # "no" before a noun is a determiner, not an answer: "Yes, no doubt." answers yes
+    m = re.findall(r"\b(yes|true|false|no(?![ \t]+(?!(?:because|since|as|but|and|so|it|they|he|she|this|that|there|i|we)\b)[a-z]))\b",
+                   text, re.IGNORECASE)
     return m[-1] if m else None
 
 
@@ -275,7 +308,9 @@ def extract_answer(task: str, text: str, strict: bool = False) -> str | None:
     """The answer in a generation, for a task name (gsm8k, csqa, ...) or an answer kind (number, expression,
     letter, yesno). Strict: X of the last canonical final line `The answer is X.`, as written. Flexible (default):
     that X if it is an answer of the task's kind, else the last \\boxed{}, else the last "answer is X" /
-    "Answer: X" / "#### X", else the last number / choice letter / yes-no in the text. None when nothing is found."""
+    "Answer: X" / "#### X", else the last number / choice letter / yes-no in the text. None when nothing is found,
+    and when the answer it would read is negated, conditional or a choice between alternatives ("not 5", "A or B",
+    "yes or no, depending on ...")."""
     kind, letters = task_spec(task)
     text = text.replace("\u2212", "-")
     final = None
@@ -284,14 +319,20 @@ def extract_answer(task: str, text: str, strict: bool = False) -> str | None:
         if m:  # the last final line wins (models sometimes restate)
             final = m.group(1).strip()
             break
+    if final is not None and _hedged(kind, final):
+        return None  # the model's last word commits to nothing; an answer read from earlier text would not be its own
     if strict:
         return final
     if final is not None and _valid(kind, letters, final):
         return final
     b = last_boxed(text)
+    if b is not None and _hedged(kind, _unwrap(b)):
+        return None
     if b is not None and _valid(kind, letters, b):
         return b
     for m in reversed(list(_PHRASE_RE.finditer(text))):
+        if _hedged(kind, m.group(1)):
+            return None
         found = _from_phrase(kind, letters, m.group(1))
         if found is not None:
             return found
@@ -301,10 +342,10 @@ def extract_answer(task: str, text: str, strict: bool = False) -> str | None:
 def is_correct(task: str, pred: str | None, gold: str) -> bool:
     """Whether an extracted answer matches the gold one, for a task name or an answer kind. Numbers compare as
     numbers (commas, $, %, unit words and trailing .0 ignored; 3/4 == 0.75); MATH expressions with math_verify;
-    letters case-insensitively; yes/no/true/false as booleans."""
-    if pred is None:
-        return False
+    letters case-insensitively; yes/no/true/false as booleans. A negated or hedged pred ("not 5") is wrong."""
     kind, letters = task_spec(task)
+    if pred is None or _hedged(kind, pred):  # "not 5" / "A or B" passed in directly is no answer either
+        return False
     if kind == "number":
         p, g = to_number(pred), to_number(gold)
         if p is not None and g is not None:
@@ -368,8 +409,7 @@ def with_choices(question: str, labels: list[str], texts: list[str]) -> str:
 def gpqa_choices(row: dict, seed: int = GPQA_SEED) -> tuple[list[str], str]:
     """The four answers of a GPQA row in a shuffled order and the letter of the correct one. The order is a fixed
     function of (seed, question text), so it is the same in every run, whatever the file order or --limit."""
-    cols = ("Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2", "Incorrect Answer 3")
-    texts = [str(row[k]).strip() for k in cols]
+    texts = [str(row[k]).strip() for k in GPQA_COLUMNS[1:]]
     order = list(range(4))
     random.Random(f"gpqa:{seed}:{str(row['Question']).strip()}").shuffle(order)  # str seeds hash stably (sha512)
     return [texts[i] for i in order], "ABCD"[order.index(0)]
@@ -478,6 +518,14 @@ def task_path(task: str, data_dir: str | None = None, gpqa_csv: str | None = Non
             raise SystemExit(f"error: task gpqa_diamond needs --gpqa-csv. {GPQA_HELP}")
         if not os.path.isfile(gpqa_csv):
             raise SystemExit(f"error: --gpqa-csv {gpqa_csv}: no such file. {GPQA_HELP}")
+        # checked here, before any model is loaded; each row would otherwise fail as an "unknown row schema"
+        with open(gpqa_csv, encoding="utf-8-sig", newline="") as f:
+            header = next(csv.reader(f), [])
+        missing = [c for c in GPQA_COLUMNS if c not in header]
+        if missing:
+            raise SystemExit(f"error: --gpqa-csv {gpqa_csv}: missing columns {', '.join(repr(c) for c in missing)} "
+                             f"(has {', '.join(repr(c) for c in header[:8]) or 'no header'}); expected the official "
+                             f"gpqa_diamond.csv. {GPQA_HELP}")
         return gpqa_csv
     if task in TASKS:
         path = os.path.join(data_dir or DATA_DIR, TASKS[task].file)
@@ -740,20 +788,20 @@ def summarize(records: list[dict]) -> dict:
             "no_final_line": sum(r["pred_strict"] is None for r in records)}
 
 
-def write_jsonl(path: str, rows: list[dict]) -> None:
+def write_text(path: str, text: str) -> None:
     """Atomically: a crash leaves the old file or the new one, never half of one."""
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        f.write(text)
     os.replace(tmp, path)
+
+
+def write_jsonl(path: str, rows: list[dict]) -> None:
+    write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def write_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
 def read_cache(path: str) -> dict[str, dict]:
@@ -881,6 +929,83 @@ def format_table(results: dict[str, dict]) -> str:
         lines.append(f"| mean | | {sum(m['n'] for m in ms)} | {strict:.1f} | {flexible:.1f} | "
                      f"{sum(m['no_answer'] for m in ms)} | {sum(m['no_final_line'] for m in ms)} |")
     return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# The paper's results table: base model and trained students side by side, accuracy per benchmark, the
+# in-distribution and out-of-distribution averages, and each row's gain over the base model
+
+ID_TASKS = tuple(t for t in TASKS if TASKS[t].split == "ID")  # gsm8k, svamp, math500
+OOD_TASKS = tuple(t for t in TASKS if TASKS[t].split == "OOD")  # csqa, strategyqa, gpqa_diamond
+# the paper's column order and headers
+PAPER_COLUMNS = {"math500": "MATH500", "gsm8k": "GSM8K", "svamp": "SVAMP", "csqa": "CSQA",
+                 "strategyqa": "StrategyQA", "gpqa_diamond": "GPQA-D", "id_avg": "ID avg", "ood_avg": "OOD avg"}
+AVERAGES = {"id_avg": ID_TASKS, "ood_avg": OOD_TASKS}
+
+
+def results_table(rows: dict[str, dict[str, dict]], base: str | None = "base") -> dict:
+    """The paper's table from {row name: {task: metrics with 'accuracy' (0-1)}} (evaluate_tasks' results per model).
+    -> {"columns": [task..., "id_avg", "ood_avg"], "headers": {column: header}, "base": base row or None,
+        "rows": {name: {column: percent}}, "gain": {name: {column: points over the base row}}}.
+    Accuracies are percents with one decimal; an average is the mean over the tasks of its group that the row has,
+    and averages and gains are computed from the one-decimal numbers, so the table checks by hand. A task no row
+    has is not a column; a cell a row lacks is None (no average or gain needs it). A gain on an average is None
+    unless the row and the base row average the same tasks. Other entries of a row (data files, train.py's
+    synthetic "id"/"ood" sets) are not in the paper's layout and are left out."""
+    tasks = [t for t in PAPER_COLUMNS if t in TASKS and any(t in r for r in rows.values())]
+    table_rows = {}
+    for name, metrics in rows.items():
+        row = {t: round(100 * metrics[t]["accuracy"], 1) if t in metrics else None for t in tasks}
+        for avg, group in AVERAGES.items():
+            vals = [row[t] for t in group if row.get(t) is not None]
+            row[avg] = round(sum(vals) / len(vals), 1) if vals else None
+        table_rows[name] = row
+    base = base if base in rows else None
+    gain = {}
+    if base is not None:
+        b = table_rows[base]
+        for name, row in table_rows.items():
+            if name == base:
+                continue
+            g = {t: None if row[t] is None or b[t] is None else round(row[t] - b[t], 1) for t in tasks}
+            for avg, group in AVERAGES.items():
+                same = [t for t in group if row.get(t) is not None] == [t for t in group if b.get(t) is not None]
+                g[avg] = round(row[avg] - b[avg], 1) if same and row[avg] is not None else None
+            gain[name] = g
+    columns = tasks + list(AVERAGES)
+    return {"columns": columns, "headers": {c: PAPER_COLUMNS[c] for c in columns}, "base": base,
+            "rows": table_rows, "gain": gain}
+
+
+def format_results_md(table: dict, skipped: dict[str, str] | None = None) -> str:
+    """Markdown of results_table: the base row first, the others in their order, then one line per row with its
+    gain over the base row; a missing cell is "—". skipped {task: reason} (default the table's own "skipped")
+    adds a note line per benchmark that was not evaluated, GPQA-Diamond when no --gpqa-csv was given."""
+    skipped = table.get("skipped", {}) if skipped is None else skipped
+    cols, rows, base = table["columns"], table["rows"], table["base"]
+    names = ([base] if base is not None else []) + [n for n in rows if n != base]
+
+    def cells(values: dict, fmt: str) -> str:
+        return " | ".join("—" if values.get(c) is None else format(values[c], fmt) for c in cols)
+
+    lines = ["| | " + " | ".join(table["headers"][c] for c in cols) + " |", "|---|" + "---:|" * len(cols)]
+    lines += [f"| {n} | {cells(rows[n], '.1f')} |" for n in names]
+    lines += [f"| {n} − {base} | {cells(table['gain'][n], '+.1f')} |" for n in names if n in table["gain"]]
+    if skipped:
+        lines.append("")
+    lines += [f"Note: {PAPER_COLUMNS.get(t, t)} was not evaluated: {reason}" for t, reason in skipped.items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(out_dir: str, rows: dict[str, dict[str, dict]], skipped: dict[str, str] | None = None,
+                  base: str | None = "base", name: str = "results") -> dict:
+    """OUT/<name>.json (the table, the skipped benchmarks and the metrics it was made from, so a later script can
+    put rows of several runs in one table) and OUT/<name>.md, each written atomically. Returns the table."""
+    table = {**results_table(rows, base), "skipped": dict(skipped or {})}
+    os.makedirs(out_dir, exist_ok=True)
+    write_json(os.path.join(out_dir, f"{name}.json"), {**table, "metrics": rows})
+    write_text(os.path.join(out_dir, f"{name}.md"), format_results_md(table))
+    return table
 
 
 # -----------------------------------------------------------------------------

@@ -145,6 +145,24 @@ CASES = [
     ("math500", "The answer is 0.5.", "0.5", "0.5", "\\frac{1}{2}", True),
     ("math500", "The answer is Evelyn.", "Evelyn", "Evelyn", "\\text{Evelyn}", True),
     ("math500", "The answer is 5.4.", "5.4", "5.4", "5.4 \\text{ cents}", True),
+    # a negated, conditional or either-or final answer is no answer (it was graded correct)
+    ("gsm8k", "The answer is not 5.", None, None, "5", False),
+    ("svamp", "So the answer isn't 5.", None, None, "5", False),
+    ("gsm8k", "The answer is 5 or 18.", None, None, "5", False),
+    ("csqa", "The answer is A or B.", None, None, "A", False),
+    ("csqa", "\\boxed{A or B}", None, None, "A", False),
+    ("csqa", "A is tempting.\nThe answer is neither A nor B.", None, None, "B", False),
+    ("strategyqa", "The answer is yes or no, depending on the year.", None, None, "yes", False),
+    ("strategyqa", "Frost is common.\nThe answer is unclear, it depends. Maybe yes.", None, None, "yes", False),
+    # ... but "or" inside a choice text, a restatement after a comma and MATH's list of solutions are answers
+    ("csqa", "The answer is B) city or town.", "B) city or town", "B) city or town", "B", True),
+    ("gsm8k", "So the answer is 150 minutes, or 2.5 hours.", None, "150", "150", True),
+    ("math500", "The answer is $x=2$ or $x=3$.", "$x=2$ or $x=3$", "$x=2$ or $x=3$", "2, 3", True),
+    # an equation opening the answer means its result (it gave 2); "no" before a noun is no answer (it gave no)
+    ("gsm8k", "So the answer is 2 + 3 = 5.", None, "5", "5", True),
+    ("gsm8k", "so the answer is $2 \\times 4 = 8$ apples, not 9.", None, "8", "8", True),
+    ("strategyqa", "Yes, no doubt.", None, "Yes", "yes", True),
+    ("strategyqa", "Frost forms in May, so no: it is not common.", None, "no", "no", True),
 ]
 
 
@@ -153,6 +171,18 @@ def test_extract_and_grade(task, text, strict, flexible, gold, correct):
     assert ev.extract_answer(task, text, strict=True) == strict
     assert ev.extract_answer(task, text) == flexible
     assert ev.is_correct(task, flexible, gold) is correct
+
+
+@pytest.mark.parametrize("task,text,gold", [("gsm8k", "Step.\nThe answer is not 5.", "5"),
+                                            ("csqa", "Step.\nThe answer is A or B.", "A"),
+                                            ("strategyqa", "Step.\nThe answer is yes or no, depending on the year.", "yes"),
+                                            ("gsm8k", "Step.\nThe answer is 5 or 18.", "5")])
+def test_hedged_final_line_is_wrong_strict_and_flexible(task, text, gold):
+    """What eval.grade and the teacher judge see: neither grading passes a hedged final line."""
+    g = ev.grade(task, text, gold)
+    assert g == {"pred": None, "pred_strict": None, "correct": False, "correct_strict": False}
+    body_answer = text.split("The answer is ")[1].rstrip(".")
+    assert not ev.is_correct(task, body_answer, gold)  # passed straight to the grader: still wrong
 
 
 def test_strict_and_flexible_grading_differ():
@@ -345,3 +375,122 @@ def test_cli_errors(capsys):
         with pytest.raises(SystemExit):
             ev.main(["--model", "unused", *argv])
         assert msg in capsys.readouterr().err
+
+
+# ---- the paper's results table
+
+def _metrics(**acc):
+    return {t: {"accuracy": a, "strict_accuracy": a / 2, "no_answer": 0, "n": 100} for t, a in acc.items()}
+
+
+PAPER_ROWS = {  # deliberately not base-first: the table puts the base row first
+    "mind": {**_metrics(gsm8k=0.6, svamp=0.3333, math500=0.2, csqa=0.45, strategyqa=0.55),
+             "id": {"accuracy": 0.9}},  # train.py's synthetic set: not a column of the paper's table
+    "base": _metrics(gsm8k=0.5, svamp=0.25, math500=0.1, csqa=0.4, strategyqa=0.6),
+    "sft": _metrics(gsm8k=0.55, csqa=0.5),
+}
+
+
+def test_task_groups_follow_the_paper():
+    assert ev.ID_TASKS == ("gsm8k", "svamp", "math500")
+    assert ev.OOD_TASKS == ("csqa", "strategyqa", "gpqa_diamond")
+
+
+def test_results_table_hand_computed():
+    t = ev.results_table(PAPER_ROWS)
+    # no row has GPQA: no column; the paper's order, MATH500 first
+    assert t["columns"] == ["math500", "gsm8k", "svamp", "csqa", "strategyqa", "id_avg", "ood_avg"]
+    assert t["base"] == "base"
+    # base: ID (10 + 50 + 25) / 3 = 28.33; OOD (40 + 60) / 2 = 50
+    assert t["rows"]["base"] == {"math500": 10.0, "gsm8k": 50.0, "svamp": 25.0, "csqa": 40.0, "strategyqa": 60.0,
+                                 "id_avg": 28.3, "ood_avg": 50.0}
+    # mind: SVAMP 33.33 -> 33.3; ID (20 + 60 + 33.3) / 3 = 37.77; OOD (45 + 55) / 2 = 50
+    assert t["rows"]["mind"] == {"math500": 20.0, "gsm8k": 60.0, "svamp": 33.3, "csqa": 45.0, "strategyqa": 55.0,
+                                 "id_avg": 37.8, "ood_avg": 50.0}
+    assert t["gain"]["mind"] == {"math500": 10.0, "gsm8k": 10.0, "svamp": 8.3, "csqa": 5.0, "strategyqa": -5.0,
+                                 "id_avg": 9.5, "ood_avg": 0.0}  # 37.8 - 28.3, 50 - 50
+    # sft has two tasks: its averages are over those; no gain on an average over other tasks than the base's
+    assert t["rows"]["sft"] == {"math500": None, "gsm8k": 55.0, "svamp": None, "csqa": 50.0, "strategyqa": None,
+                                "id_avg": 55.0, "ood_avg": 50.0}
+    assert t["gain"]["sft"] == {"math500": None, "gsm8k": 5.0, "svamp": None, "csqa": 10.0, "strategyqa": None,
+                                "id_avg": None, "ood_avg": None}
+    assert "base" not in t["gain"]
+    json.dumps(t)  # JSON-able
+    assert ev.results_table(PAPER_ROWS, base=None)["gain"] == {}
+    assert ev.results_table({"mind": PAPER_ROWS["mind"]})["base"] is None  # no base row: no gains
+
+
+def test_format_results_md_layout_and_gpqa_note():
+    md = ev.format_results_md(ev.results_table(PAPER_ROWS), {"gpqa_diamond": "no --gpqa-csv given"})
+    assert md == ("| | MATH500 | GSM8K | SVAMP | CSQA | StrategyQA | ID avg | OOD avg |\n"
+                  "|---|---:|---:|---:|---:|---:|---:|---:|\n"
+                  "| base | 10.0 | 50.0 | 25.0 | 40.0 | 60.0 | 28.3 | 50.0 |\n"
+                  "| mind | 20.0 | 60.0 | 33.3 | 45.0 | 55.0 | 37.8 | 50.0 |\n"
+                  "| sft | — | 55.0 | — | 50.0 | — | 55.0 | 50.0 |\n"
+                  "| mind − base | +10.0 | +10.0 | +8.3 | +5.0 | -5.0 | +9.5 | +0.0 |\n"
+                  "| sft − base | — | +5.0 | — | +10.0 | — | — | — |\n"
+                  "\n"
+                  "Note: GPQA-D was not evaluated: no --gpqa-csv given\n")
+    with_gpqa = {**PAPER_ROWS, "base": {**PAPER_ROWS["base"], **_metrics(gpqa_diamond=0.25)}}
+    md = ev.format_results_md(ev.results_table(with_gpqa))
+    assert "| StrategyQA | GPQA-D | ID avg |" in md and "Note" not in md
+    assert "| base | 10.0 | 50.0 | 25.0 | 40.0 | 60.0 | 25.0 | 28.3 | 41.7 |" in md  # OOD (40 + 60 + 25) / 3
+    assert "| mind | 20.0 | 60.0 | 33.3 | 45.0 | 55.0 | — | 37.8 | 50.0 |" in md
+    assert "| mind − base | +10.0 | +10.0 | +8.3 | +5.0 | -5.0 | — | +9.5 | — |" in md  # OOD avgs over other tasks
+
+
+def test_write_results_atomic(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    ev.write_results(str(out), PAPER_ROWS, {"gpqa_diamond": "no --gpqa-csv given"})
+    res = json.load(open(out / "results.json"))
+    assert res["rows"]["mind"]["id_avg"] == 37.8 and res["skipped"] == {"gpqa_diamond": "no --gpqa-csv given"}
+    assert res["metrics"]["base"]["gsm8k"]["accuracy"] == 0.5  # what a later script rebuilds tables from
+    md = (out / "results.md").read_text()
+    assert md == ev.format_results_md(ev.results_table(PAPER_ROWS), {"gpqa_diamond": "no --gpqa-csv given"})
+    assert sorted(os.listdir(out)) == ["results.json", "results.md"]
+    # a crash while writing leaves the previous files whole
+    monkeypatch.setattr(ev.os, "replace", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError):
+        ev.write_results(str(out), {"base": _metrics(gsm8k=0.1)})
+    assert (out / "results.md").read_text() == md and json.load(open(out / "results.json")) == res
+
+
+def test_gpqa_csv_without_its_columns_is_one_line_naming_file_and_columns(tmp_path):
+    p = tmp_path / "gpqa.csv"
+    p.write_text("Question,Correct answer,Incorrect Answer 1,Incorrect Answer 2\nq,a,b,c\n")
+    for call in (lambda: ev.task_path("gpqa_diamond", gpqa_csv=str(p)),
+                 lambda: ev.load_task("gpqa_diamond", gpqa_csv=str(p))):
+        with pytest.raises(SystemExit) as e:
+            call()
+        msg = str(e.value)
+        assert "\n" not in msg and f"--gpqa-csv {p}: missing columns 'Correct Answer', 'Incorrect Answer 3'" in msg
+    p.write_text("")
+    with pytest.raises(SystemExit, match="missing columns 'Question', .* \\(has no header\\)"):
+        ev.task_path("gpqa_diamond", gpqa_csv=str(p))
+
+
+# ---- the shipped paper-sized training set
+
+def test_shipped_training_set_is_whole_graded_and_disjoint_from_the_benchmarks():
+    import re
+
+    import perspectives as P
+    path = os.path.join(os.path.dirname(ev.DATA_DIR), "mind_gsm8k_train.jsonl")
+    warnings = []
+    exs = P.read_training_jsonl(path, warn=warnings.append)
+    assert warnings == [] and len(exs) == 518 and len({e.id for e in exs}) == 518
+    assert all(sorted(e.rationales) == sorted(P.KEYS) for e in exs)  # 8 perspectives each
+    # every final line is right by today's strict grader (the judge that kept them was an earlier one)
+    assert all(ev.is_correct("number", ev.extract_answer("number", r, strict=True), e.answer)
+               for e in exs for r in e.rationales.values())
+
+    def norm(s):
+        return re.sub(r"\s+", " ", s).strip().lower()
+
+    bench = set()
+    for task in ("gsm8k", "svamp", "math500", "csqa", "strategyqa"):
+        for r in ev.load_task(task):
+            bench.add(norm(r["question"]))
+            bench.add(norm(r["question"].split("\nA. ")[0]))  # a CommonsenseQA stem without its choices
+    assert len(bench) > 5000 and norm("  " + ev.load_task("gsm8k")[0]["question"].upper()) in bench  # it can match
+    assert [e.id for e in exs if norm(e.question) in bench] == []

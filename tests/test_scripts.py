@@ -184,3 +184,139 @@ def test_bench_smoke(tmp_path):
     assert set(out["memory"]) == {"sft-all", "mind", "mind β=0"}
     assert all(m["step_peak"] > 0 and m["live_before"] > 0 for m in out["memory"].values())
     assert json.load(open(tmp_path / "b.json"))["steps"].keys() == out["steps"].keys()
+
+
+# ---- scripts/paper.py: the paper's table on a real student; train.py is replaced by a fake that writes results
+
+import eval as ev  # noqa: E402
+import paper  # noqa: E402
+
+
+def _acc(gsm8k, svamp, math500, csqa, strategyqa):
+    return {t: {"accuracy": v, "strict_accuracy": v, "no_answer": 0, "n": 100} for t, v in
+            (("gsm8k", gsm8k), ("svamp", svamp), ("math500", math500), ("csqa", csqa), ("strategyqa", strategyqa))}
+
+
+TRAINED = {"sft-formal_symbolic": _acc(0.52, 0.3, 0.1, 0.38, 0.6), "sft-all": _acc(0.5, 0.5, 0.5, 0.5, 0.5),
+           "mcc": _acc(0.4, 0.4, 0.4, 0.4, 0.4), "mind": _acc(0.6, 0.3333, 0.2, 0.45, 0.55),
+           "sft-analogy": _acc(0.3, 0.3, 0.3, 0.3, 0.3)}
+BASE = _acc(0.5, 0.25, 0.1, 0.4, 0.6)
+
+
+def _fake_train(calls, fail=()):
+    """train.py as the runner sees it: records the command and what OUT/eval_base held when it started; the base
+    model is 'generated' only when no cached generations are there; writes results.json with eval.write_results."""
+    def run(cmd):
+        d = cmd[cmd.index("--out") + 1] if "--out" in cmd else cmd[cmd.index("--resume") + 1]
+        name, cache = os.path.basename(d), os.path.join(d, "eval_base", "gsm8k.jsonl")
+        calls.append({"name": name, "cmd": cmd, "cache": open(cache).read() if os.path.exists(cache) else None})
+        if name in fail:
+            return 1
+        if not os.path.exists(cache):
+            os.makedirs(os.path.dirname(cache), exist_ok=True)
+            with open(cache, "w") as f:
+                f.write(f"generated in {name}\n")
+        ev.write_results(d, {"base": BASE, "trained": TRAINED[name]}, {"gpqa_diamond": "no --gpqa-csv given"})
+        return 0
+    return run
+
+
+def test_paper_trains_each_method_shares_the_base_cache_and_tabulates(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(paper, "run_train", _fake_train(calls))
+    gpqa = tmp_path / "gpqa.csv"
+    gpqa.write_text("Question,Correct Answer,Incorrect Answer 1,Incorrect Answer 2,Incorrect Answer 3\n")
+    out = tmp_path / "paper"
+    paper.main(["--student", "Qwen2.5-1.5B", "--out", str(out), "--seed", "3", "--steps", "7",
+                "--eval-tasks-limit", "5", "--gpqa-csv", str(gpqa), "--", "--lora-r", "16"])
+    assert [c["name"] for c in calls] == ["sft-formal_symbolic", "sft-all", "mcc", "mind"]
+    cmd = calls[0]["cmd"]
+    assert cmd[1] == paper.TRAIN and cmd[2:] == [
+        "--student", "Qwen2.5-1.5B", "--method", "sft", "--perspective", "formal_symbolic",
+        "--out", str(out / "sft-formal_symbolic"), "--seed", "3",
+        "--data", os.path.join(REPO, "data", "mind_gsm8k_train.jsonl"), "--max-new-tokens", "512",
+        "--steps", "7", "--eval-tasks-limit", "5", "--gpqa-csv", str(gpqa), "--lora-r", "16"]
+    assert calls[3]["cmd"][2:6] == ["--student", "Qwen2.5-1.5B", "--method", "mind"]
+    # the base model is generated in the first run only; every later run starts with its cache
+    assert calls[0]["cache"] is None
+    assert [c["cache"] for c in calls[1:]] == ["generated in sft-formal_symbolic\n"] * 3
+    res = json.load(open(out / "paper.json"))
+    assert list(res["rows"]) == ["base", "sft-formal_symbolic", "sft-all", "mcc", "mind"]
+    # base: ID (10 + 50 + 25) / 3 = 28.3, OOD (40 + 60) / 2 = 50.0
+    assert res["rows"]["base"] == {"math500": 10.0, "gsm8k": 50.0, "svamp": 25.0, "csqa": 40.0, "strategyqa": 60.0,
+                                   "id_avg": 28.3, "ood_avg": 50.0}
+    # sft: ID (10 + 52 + 30) / 3 = 30.7, OOD (38 + 60) / 2 = 49.0
+    assert res["rows"]["sft-formal_symbolic"]["id_avg"] == 30.7 and res["rows"]["sft-formal_symbolic"]["ood_avg"] == 49.0
+    assert res["gain"]["sft-formal_symbolic"] == {"math500": 0.0, "gsm8k": 2.0, "svamp": 5.0, "csqa": -2.0,
+                                                  "strategyqa": 0.0, "id_avg": 2.4, "ood_avg": -1.0}
+    # mind: ID (20 + 60 + 33.3) / 3 = 37.8 (+9.5), OOD (45 + 55) / 2 = 50.0 (+0.0)
+    assert res["gain"]["mind"]["id_avg"] == 9.5 and res["gain"]["mind"]["ood_avg"] == 0.0
+    assert res["rows"]["sft-all"]["id_avg"] == 50.0 and res["gain"]["mcc"]["ood_avg"] == -10.0
+    md = (out / "paper.md").read_text()
+    assert md.splitlines()[2] == "| base | 10.0 | 50.0 | 25.0 | 40.0 | 60.0 | 28.3 | 50.0 |"
+    assert "| mind − base | +10.0 | +10.0 | +8.3 | +5.0 | -5.0 | +9.5 | +0.0 |" in md
+    assert "Note: GPQA-D was not evaluated: no --gpqa-csv given" in md
+    # run again: everything is finished, nothing is trained, the same table
+    calls.clear()
+    paper.main(["--student", "Qwen2.5-1.5B", "--out", str(out)])
+    assert calls == [] and json.load(open(out / "paper.json")) == res
+
+
+def test_paper_skips_finished_resumes_checkpointed_and_reports_failures(tmp_path, monkeypatch):
+    out = tmp_path / "paper"
+    # mind finished earlier (its base generations cached), mcc was killed after a checkpoint, sft-all never started
+    ev.write_results(str(out / "mind"), {"base": _acc(0.9, 0.9, 0.9, 0.9, 0.9), "trained": TRAINED["mind"]})
+    os.makedirs(out / "mind" / "eval_base")
+    (out / "mind" / "eval_base" / "gsm8k.jsonl").write_text("generated in mind\n")
+    os.makedirs(out / "mcc" / "ckpt")
+    (out / "mcc" / "ckpt" / "trainer.pt").write_text("")
+    os.makedirs(out / "mcc" / "eval_base")  # its own cache is kept, not replaced
+    (out / "mcc" / "eval_base" / "gsm8k.jsonl").write_text("half of mcc's\n")
+    calls = []
+    monkeypatch.setattr(paper, "run_train", _fake_train(calls, fail={"sft-all"}))
+    with pytest.raises(SystemExit, match="1 runs failed: sft-all; rerun the same command to resume"):
+        paper.main(["--student", "Qwen2.5-1.5B", "--out", str(out), "--sft-perspective", "analogy"])
+    assert [c["name"] for c in calls] == ["sft-analogy", "sft-all", "mcc"]  # mind: not trained again
+    assert calls[0]["cmd"][4:8] == ["--method", "sft", "--perspective", "analogy"]
+    assert calls[2]["cmd"][1:] == [paper.TRAIN, "--resume", str(out / "mcc")]
+    assert calls[0]["cache"] == calls[1]["cache"] == "generated in mind\n" and calls[2]["cache"] == "half of mcc's\n"
+    res = json.load(open(out / "paper.json"))  # the table of what finished; the base row of the first finished run
+    assert list(res["rows"]) == ["base", "sft-analogy", "mcc", "mind"]
+    assert res["rows"]["base"]["gsm8k"] == 50.0 and res["rows"]["mind"]["gsm8k"] == 60.0
+
+
+def test_paper_dry_list_plans_and_runs_nothing(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "paper"
+    ev.write_results(str(out / "mind"), {"base": BASE, "trained": TRAINED["mind"]})
+    os.makedirs(out / "mcc" / "ckpt")
+    (out / "mcc" / "ckpt" / "trainer.pt").write_text("")
+    planned = []
+
+    def fake_plan(cmd):
+        planned.append(cmd)
+        return {"error": "no config"} if "sft-all" in cmd else {"gib": {"peak": 41.87}, "tokens_per_step": 4096}
+
+    monkeypatch.setattr(paper, "plan_memory", fake_plan)
+    monkeypatch.setattr(paper, "run_train", lambda cmd: pytest.fail("--dry-list trained"))
+    paper.main(["--student", "Qwen2.5-1.5B", "--out", str(out), "--dry-list", "--", "--batch-size", "2"])
+    assert planned[0][1:] == [paper.TRAIN, "--student", "Qwen2.5-1.5B", "--dry-run", "--method", "sft",
+                              "--perspective", "formal_symbolic", "--batch-size", "2"]
+    assert [c[c.index("--method") + 1] for c in planned] == ["sft", "sft-all", "mcc", "mind"]
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split()[:4] == ["sft-formal_symbolic", "train", "41.87", "4096"]
+    assert lines[2].split()[:4] == ["sft-all", "train", "?", "?"] and lines[3] == "  memory plan failed: no config"
+    assert lines[4].split()[:2] == ["mcc", "resume"] and lines[5].split()[:2] == ["mind", "finished"]
+    assert not (out / "paper.json").exists()
+
+
+def test_paper_bad_flags_fail_in_one_line(tmp_path, capsys):
+    for argv, msg in [(["--methods", "mind,dpo"], "--methods: unknown method 'dpo'"),
+                      (["--data", str(tmp_path / "none.jsonl")], "none.jsonl: no such file"),
+                      (["--steps", "0"], "--steps 0: must be >= 1")]:
+        with pytest.raises(SystemExit):
+            paper.main(["--student", "Qwen2.5-1.5B", "--out", str(tmp_path), *argv])
+        assert msg in capsys.readouterr().err
+    bad = tmp_path / "gpqa.csv"
+    bad.write_text("question,answer\n")
+    with pytest.raises(SystemExit, match="missing columns 'Question'"):
+        paper.main(["--student", "Qwen2.5-1.5B", "--out", str(tmp_path), "--gpqa-csv", str(bad)])
