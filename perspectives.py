@@ -399,21 +399,34 @@ def load_questions(path: str, limit: int | None = None) -> list[dict]:
 
 
 _THINK_RE = re.compile(r"^\s*<think>.*?</think>\s*", re.DOTALL)
-_CONCLUSION_RE = re.compile(r"answer|####|\\boxed", re.IGNORECASE)
+# where a teacher states its conclusion: the phrases eval.py's flexible grader reads an answer from, with the
+# connective that leads into them ("..., so the answer is 5.")
+_CONCLUSION_RE = re.compile(r"(?:\b(?:so|thus|therefore|hence)\b[\s,]*)?(?:\bthe\s+)?(?:final\s+)?\banswer\s*"
+                            r"(?:is|:|=|would be|should be)|####|\\boxed", re.IGNORECASE)
 
 
 def judge(text: str, q: dict, strict: bool = False) -> str | None:
-    """The rationale with its last line rewritten as `The answer is X.` (X the gold answer) if the answer it reaches is
-    right by eval.py's graders (strict: only from a final line `The answer is X.`); None if it is wrong or missing, or
-    if nothing but the answer is left."""
+    """The rationale with its conclusion rewritten as the final line `The answer is X.` (X the gold answer) if the
+    answer it reaches is right by eval.py's graders (strict: only from a final line `The answer is X.`); None if it is
+    wrong or missing, or if nothing but the answer is left."""
     text = _THINK_RE.sub("", text).strip()  # a reasoning model's scratchpad is not the rationale
     if not is_correct(q["kind"], extract_answer(q["kind"], text, strict=strict), q["answer"]):
         return None
     lines = text.split("\n")
-    if _CONCLUSION_RE.search(lines[-1]):  # the teacher's own answer line ("**Final answer:** 18", "#### 18") gives way
-        lines.pop()
-    body, _ = split_final_line("\n".join(lines))
-    body = body.strip()
+    # The last line stating a conclusion ends the rationale: the grader read the answer there or before, and what
+    # follows it ("I hope this helps!") is not reasoning (kept, the final line would come twice). Restatements
+    # before it ("The answer is 18.\n#### 18") go too. Reasoning on the same line, before the phrase, stays: a
+    # one-line rationale "3 + 2 = 5, so the answer is 5." keeps "3 + 2 = 5.".
+    ends = [i for i, ln in enumerate(lines) if _CONCLUSION_RE.search(ln)]
+    if ends:
+        lines = lines[:ends[-1] + 1]
+        while lines and _CONCLUSION_RE.search(lines[-1]):
+            before = lines[-1][:_CONCLUSION_RE.search(lines[-1]).start()].rstrip(" \t*,;:-")
+            if re.search(r"\w", before):
+                lines[-1] = before if before.endswith((".", "!", "?")) else before + "."
+                break
+            lines.pop()
+    body = "\n".join(lines).strip()
     return f"{body}\n{final_line(q['answer'])}" if body else None
 
 

@@ -162,6 +162,19 @@ def test_judge_rewrites_final_line_and_filters():
     assert P.judge("Pollock was born centuries later.\nThe answer is False.", yes).endswith("The answer is no.")
 
 
+def test_judge_cuts_what_follows_the_conclusion_and_keeps_one_line_rationales():
+    q = {"id": "x", "question": "?", "answer": "1234", "kind": "number"}
+    # text after the final line goes: kept, the rewritten final line came twice
+    assert P.judge("Work: 1000 + 234 = 1234.\nThe answer is 1234.\nI hope this helps!", q) == \
+        "Work: 1000 + 234 = 1234.\nThe answer is 1234."
+    assert P.judge("Sum: 1000 + 234.\nTherefore, the answer is 1234. Let me know if you need more.", q) == \
+        "Sum: 1000 + 234.\nThe answer is 1234."
+    # reasoning and conclusion on one line: the reasoning is the rationale (it was rejected as "no reasoning")
+    assert P.judge("Tom has 1000 coins and finds 234 more, so the answer is 1234.", q) == \
+        "Tom has 1000 coins and finds 234 more.\nThe answer is 1234."
+    assert P.judge("Therefore the final answer is \\boxed{1234}.", q) is None  # nothing but the conclusion
+
+
 def test_load_questions_any_schema_stable_ids(tmp_path):
     bench = os.path.join(REPO, "data", "benchmarks")
     svamp = P.load_questions(os.path.join(bench, "svamp.jsonl"), limit=3)
