@@ -285,6 +285,16 @@ def test_waiting_for_the_teacher_shows_on_the_progress_bar(tmp_path, waits, caps
         P.main(["--teacher", f"openai:{t.url}#fake-model", "--data", str(data), "--out", str(out), "--retries", "2",
                 "--backoff", "0.01", "--concurrency", "1"])  # with the progress bar
     assert "teacher: waiting for the teacher (retry 1/2): HTTP 500" in capsys.readouterr().err
+    # down from the start: said from the first attempt, then one line, before any output file exists
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    with pytest.raises(SystemExit, match=r"cannot reach http://127.0.0.1:\d+/v1/models after 2 retries .*is the "
+                                         r"server up\?"):
+        run(f"http://127.0.0.1:{port}/v1", data, tmp_path / "down.jsonl")
+    err = capsys.readouterr().err
+    assert "waiting for the teacher (retry 1/2)" in err and "waiting for the teacher (retry 2/2)" in err
+    assert not os.path.exists(tmp_path / "down.jsonl")
 
 
 def test_stats_describe_the_whole_output_across_resumes(tmp_path, waits):
