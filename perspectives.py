@@ -960,8 +960,7 @@ def run_teacher(args, backend: str, target: str, model: str) -> dict:
         bar = tqdm(total=len(todo), desc="teacher", unit="q", disable=args.no_progress, file=sys.stderr)
         if backend == "openai":
             # from the first failed attempt, not only once a question has failed after every retry
-            say_waiting = (note if bar.disable else  # noqa: E731
-                           lambda msg: bar.set_description_str(f"teacher: {msg}"))
+            say_waiting = note if bar.disable else lambda msg: bar.set_description_str(f"teacher: {msg}")
             complete = openai_backend(cfg, workers, say_waiting, note)
 
         def write(f, row: dict) -> None:
@@ -1008,7 +1007,9 @@ def run_teacher(args, backend: str, target: str, model: str) -> dict:
                 if args.max_consecutive_failures and in_a_row >= args.max_consecutive_failures:
                     # a teacher that is down is not one bad question: stop instead of failing the whole file slowly
                     raise TeacherError(f"failed on {in_a_row} questions in a row (last: {o.failed or o.rejected}); "
-                                       f"is it up? Rerun the same command to continue")
+                                       + ("is it up?" if o.failed else "does it refuse a setting such as --max-tokens? "
+                                          "None of them was written as dropped.")
+                                       + " Rerun the same command to continue")
                 bar.set_postfix(kept=counts["kept"], dropped=sum(counts[r] for r in REASONS),
                                 failed=counts["failed"], retries=tot["retries"], refresh=False)
         except KeyboardInterrupt:
