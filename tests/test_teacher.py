@@ -1,5 +1,6 @@
 """The teacher pipeline: the judge, the openai: backend against an in-process chat-completions server scripted to
-fail in every way a real one does, resuming after SIGKILL, and the hf: backend with the tiny offline model."""
+fail in every way a real one does, resuming after SIGKILL, and the hf: backend with the tiny offline model; and, as a
+slow test, against a real server nobody here wrote (llama-cpp-python with SmolLM2), killed and restarted mid-run."""
 import glob
 import importlib.util
 import json
