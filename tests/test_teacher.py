@@ -550,7 +550,7 @@ def test_a_closed_pipe_costs_neither_the_stats_nor_the_exit_status(tmp_path):
     data = tmp_path / "q.jsonl"
     write_questions(data, [f"t{i}" for i in range(24)])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    with FakeTeacher(lambda *_: "ok", delay=0.02) as t:
+    with FakeTeacher(lambda *_: "ok", delay=0.05) as t:  # ~5 s a run: still running when its pipe closes
         for both in (True, False):
             out = tmp_path / f"both{both}.jsonl"
             proc = subprocess.Popen([sys.executable, "perspectives.py", "--teacher", f"openai:{t.url}#fake-model",
