@@ -9,9 +9,9 @@ The eight reasoning perspectives of MIND, the training-data format, and the teac
 A real teacher -- hf: a local transformers model, openai: any chat-completions server (vLLM, SGLang, OpenAI,
 DeepSeek; key from $OPENAI_API_KEY) -- writes every question's eight rationales; the judge keeps a rationale only if
 its answer is the gold one (eval.py's graders) and rewrites its last line as `The answer is X.`. OUT gets one line per
-kept question as soon as it is judged; OUT.dropped.jsonl the questions the judge dropped; OUT.stats.json acceptance
-rates, requests and tokens. Rerunning the same command resumes where a killed run stopped. --dry-run counts the
-requests and tokens first.
+kept question as soon as it is judged; OUT.dropped.jsonl the questions the judge dropped or the server refused;
+OUT.stats.json acceptance rates, requests and tokens of the whole output, across resumes. Rerunning the same
+command resumes where a killed run stopped. --dry-run counts the requests and tokens first.
 
 The synthetic teacher writes data/synth/{train,test_id,test_ood}.jsonl: seeded arithmetic word problems with one
 rationale per perspective, an in-distribution test split, and a harder out-of-distribution split
@@ -348,9 +348,11 @@ def synthetic_splits(n_train: int, n_test: int, seed: int) -> dict[str, list[Exa
 #
 # --data is read with eval.py's loaders and judged with its graders, so a rationale counts as right exactly when
 # eval.py would grade its answer right. OUT gets one line per kept question, appended and flushed the moment the
-# question is judged; OUT.dropped.jsonl one line per question the judge dropped (with the correct rationales it had),
-# so that a rerun does not pay for it again; OUT.stats.json the counters of the last run. A question on which the
-# teacher failed (retries exhausted) is in neither file, so the next run asks again.
+# question is judged; OUT.dropped.jsonl one line per question the judge dropped (with the correct rationales it had)
+# or the server refused (HTTP 400 / 413 / 422, with its message), so that a rerun does not pay for it again. Every
+# line carries its question's counts (requests, tokens, samples), and OUT.stats.json is summed from the lines, so it
+# describes the whole output however many runs wrote it. A question on which the teacher failed (retries exhausted)
+# is in neither file, so the next run asks again.
 
 STOP = threading.Event()  # Ctrl-C or a fatal error: worker threads send no new request
 DEMO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "demo_perspectives.jsonl")
@@ -377,6 +379,9 @@ class Reply:
     tokens_out: int = 0
     error: str = ""
     truncated: bool = False  # cut off by --max-tokens
+    rejected: bool = False  # the server refused this request for good (HTTP 400 / 413 / 422): drop the question
+    fatal: bool = False  # the server refuses every request (bad key, wrong URL): stop the run
+    timeouts: int = 0  # attempts that timed out
 
 
 def load_questions(path: str, limit: int | None = None) -> list[dict]:
@@ -399,27 +404,47 @@ def load_questions(path: str, limit: int | None = None) -> list[dict]:
 
 
 _THINK_RE = re.compile(r"^\s*<think>.*?</think>\s*", re.DOTALL)
-_CONCLUSION_RE = re.compile(r"answer|####|\\boxed", re.IGNORECASE)
+# where a teacher states its conclusion: the phrases eval.py's flexible grader reads an answer from, with the
+# connective that leads into them ("..., so the answer is 5.")
+_CONCLUSION_RE = re.compile(r"(?:\b(?:so|thus|therefore|hence)\b[\s,]*)?(?:\bthe\s+)?(?:final\s+)?\banswer\s*"
+                            r"(?:is|:|=|would be|should be)|####|\\boxed", re.IGNORECASE)
 
 
 def judge(text: str, q: dict, strict: bool = False) -> str | None:
-    """The rationale with its last line rewritten as `The answer is X.` (X the gold answer) if the answer it reaches is
-    right by eval.py's graders (strict: only from a final line `The answer is X.`); None if it is wrong or missing, or
-    if nothing but the answer is left."""
+    """The rationale with its conclusion rewritten as the final line `The answer is X.` (X the gold answer) if the
+    answer it reaches is right by eval.py's graders (strict: only from a final line `The answer is X.`); None if it is
+    wrong or missing, or if nothing but the answer is left."""
     text = _THINK_RE.sub("", text).strip()  # a reasoning model's scratchpad is not the rationale
     if not is_correct(q["kind"], extract_answer(q["kind"], text, strict=strict), q["answer"]):
         return None
     lines = text.split("\n")
-    if _CONCLUSION_RE.search(lines[-1]):  # the teacher's own answer line ("**Final answer:** 18", "#### 18") gives way
-        lines.pop()
-    body, _ = split_final_line("\n".join(lines))
-    body = body.strip()
+    # The last line stating a conclusion ends the rationale: the grader read the answer there or before, and what
+    # follows it ("I hope this helps!") is not reasoning (kept, the final line would come twice). Restatements
+    # before it ("The answer is 18.\n#### 18") go too. Reasoning on the same line, before the phrase, stays: a
+    # one-line rationale "3 + 2 = 5, so the answer is 5." keeps "3 + 2 = 5.".
+    ends = [i for i, ln in enumerate(lines) if _CONCLUSION_RE.search(ln)]
+    if ends:
+        lines = lines[:ends[-1] + 1]
+        while lines and _CONCLUSION_RE.search(lines[-1]):
+            before = lines[-1][:_CONCLUSION_RE.search(lines[-1]).start()].rstrip(" \t*,;:-")
+            if re.search(r"\w", before):
+                lines[-1] = before if before.endswith((".", "!", "?")) else before + "."
+                break
+            lines.pop()
+    body = "\n".join(lines).strip()
     return f"{body}\n{final_line(q['answer'])}" if body else None
+
+
+def too_short(rationale: str, min_words: int) -> bool:
+    """The minimal-quality rule: fewer than min_words words of reasoning before the final line ("1\\n5\\nThe
+    answer is 5." has two) leave nothing to learn a way of reasoning from."""
+    body, _ = split_final_line(rationale)
+    return len(body.split()) < min_words
 
 
 @dataclass
 class OpenAIConfig:
-    url: str  # BASE_URL/chat/completions
+    base_url: str  # BASE_URL, without the trailing /
     model: str
     temperature: float
     max_tokens: int
@@ -429,8 +454,15 @@ class OpenAIConfig:
     max_backoff: float
     api_key: str = field(default="", repr=False)  # never printed
 
+    def headers(self) -> dict:
+        return {"Content-Type": "application/json", **({"Authorization": f"Bearer {self.api_key}"}
+                                                         if self.api_key else {})}
+
 
 RETRY_STATUS = {408, 409, 425, 429}  # and every 5xx
+# the request itself is refused (prompt over the context length, a body too large, unprocessable): asking again gets
+# the same answer, so its question is dropped with the reason instead of failing on every rerun
+REJECT_STATUS = {400, 413, 422}
 MAX_RETRY_AFTER = 600.0  # a server asking for more is waited on for this long, then asked again
 
 
@@ -448,28 +480,81 @@ def retry_after(value: str | None) -> float | None:
         return None
 
 
+def backoff(cfg: OpenAIConfig, attempt: int, wait: float | None) -> float:
+    """Seconds before the next attempt: exponential with jitter, at least what Retry-After asked for."""
+    base = min(cfg.max_backoff, cfg.backoff * 2 ** (attempt - 1))
+    jitter = random.uniform(0, base / 2)  # concurrent workers that failed together do not retry together
+    return (min(wait, MAX_RETRY_AFTER) if wait is not None else base / 2) + jitter
+
+
 def _error_body(e: urllib.error.HTTPError) -> str:
+    """The server's explanation, whole ("maximum context length is 2048 tokens ..." is past byte 200)."""
     try:
-        return e.read()[:200].decode("utf-8", "replace").strip()
+        return " ".join(e.read(65536).decode("utf-8", "replace").split())
     except Exception:  # noqa: BLE001 - the status code is what matters; the body is only a hint
         return ""
 
 
-def chat_completion(cfg: OpenAIConfig, prompt: str) -> Reply:
+def _is_timeout(e: BaseException) -> bool:
+    return isinstance(e, TimeoutError) or isinstance(getattr(e, "reason", None), TimeoutError)
+
+
+def waiting_line(attempt: int, retries: int, error: str) -> str:
+    return f"waiting for the teacher (retry {attempt}/{retries}): {error}"
+
+
+def check_model(cfg: OpenAIConfig, say_waiting) -> None:
+    """Stop with one line if the server does not serve cfg.model. Some servers answer any model name with their only
+    one (llama-cpp-python echoes the name back), so the chat replies cannot tell; GET BASE_URL/models can. A server
+    without that endpoint is not checked. A server that cannot be reached after --retries is a fatal error here,
+    before any output file is created."""
+    url = cfg.base_url + "/models"
+    error = ""
+    for attempt in range(1, cfg.retries + 2):
+        wait = None
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=cfg.headers()),
+                                        timeout=cfg.timeout) as resp:
+                data = json.loads(resp.read())
+            ids = [str(m["id"]) for m in data["data"]]
+        except urllib.error.HTTPError as e:
+            if e.code in (401, 403):
+                raise TeacherError(f"{url}: HTTP {e.code} {e.reason} (check $OPENAI_API_KEY) {_error_body(e)}".strip())
+            if e.code not in RETRY_STATUS and (e.code < 500 or e.code == 501):
+                return  # no list of models here (404, 405, 501): the first chat request finds out
+            error, wait = f"HTTP {e.code}", retry_after((e.headers or {}).get("Retry-After"))
+        except (ValueError, LookupError, TypeError):
+            return  # not the OpenAI shape: nothing to check against
+        except (OSError, http.client.HTTPException) as e:
+            error = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+        else:
+            if cfg.model not in ids:
+                shown = ", ".join(ids[:20]) + (f" and {len(ids) - 20} more" if len(ids) > 20 else "")
+                raise TeacherError(f"the server does not serve model {cfg.model!r}; it serves: {shown or 'nothing'}")
+            return
+        if attempt > cfg.retries or STOP.is_set():
+            break
+        say_waiting(waiting_line(attempt, cfg.retries, error))
+        _sleep(backoff(cfg, attempt, wait))
+    if error.startswith("HTTP"):
+        return  # it answers, but not this endpoint: the chat requests have their own retries
+    raise TeacherError(f"cannot reach {url} after {cfg.retries} retries ({error}); is the server up?")
+
+
+def chat_completion(cfg: OpenAIConfig, prompt: str, on_error=lambda attempt, error, timed_out: None) -> Reply:
     """One sample through the chat-completions API. Connection errors, timeouts, 429, 5xx and malformed responses are
     retried cfg.retries times after an exponential back-off with jitter (at least Retry-After when the server sends
-    one); any other 4xx fails the sample; 401 / 403 / 404 raise TeacherError, as every request would get them."""
+    one), each failed attempt reported to on_error first; 400 / 413 / 422 reject the sample (the question is
+    dropped); 401 / 403 / 404 are fatal, as every request would get them; any other 4xx fails the sample."""
     body = json.dumps({"model": cfg.model, "messages": [{"role": "user", "content": prompt}],
                        "temperature": cfg.temperature, "max_tokens": cfg.max_tokens}).encode()
-    headers = {"Content-Type": "application/json"}
-    if cfg.api_key:
-        headers["Authorization"] = f"Bearer {cfg.api_key}"
-    error, attempt = "", 0
+    url = cfg.base_url + "/chat/completions"
+    error, attempt, timeouts = "", 0, 0
     while True:
         attempt += 1
-        wait, raw = None, b""
+        wait, raw, timed_out = None, b"", False
         try:
-            req = urllib.request.Request(cfg.url, data=body, headers=headers, method="POST")
+            req = urllib.request.Request(url, data=body, headers=cfg.headers(), method="POST")
             with urllib.request.urlopen(req, timeout=cfg.timeout) as resp:
                 raw = resp.read()
             data = json.loads(raw)
@@ -480,33 +565,52 @@ def chat_completion(cfg: OpenAIConfig, prompt: str) -> Reply:
             usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
             return Reply(text, attempt, int(usage.get("prompt_tokens") or approx_tokens(prompt)),
                          int(usage.get("completion_tokens") or approx_tokens(text)),
-                         truncated=choice.get("finish_reason") == "length")
+                         truncated=choice.get("finish_reason") == "length", timeouts=timeouts)
         except urllib.error.HTTPError as e:  # before OSError: it is one
             detail = _error_body(e)
             if e.code in (401, 403, 404):
                 hint = ("check $OPENAI_API_KEY" if e.code in (401, 403)
                         else "check BASE_URL (it usually ends in /v1) and MODEL")
-                raise TeacherError(f"{cfg.url}: HTTP {e.code} {e.reason} ({hint}) {detail}".strip())
-            if e.code not in RETRY_STATUS and e.code < 500:  # e.g. 400 prompt too long: asking again cannot help
-                return Reply(None, attempt, error=f"HTTP {e.code} {detail}".strip())
+                return Reply(None, attempt, error=f"{url}: HTTP {e.code} {e.reason} ({hint}) {detail}".strip(),
+                             fatal=True, timeouts=timeouts)
+            if e.code in REJECT_STATUS:
+                return Reply(None, attempt, error=f"HTTP {e.code} {detail}".strip(), rejected=True, timeouts=timeouts)
+            if e.code not in RETRY_STATUS and e.code < 500:
+                return Reply(None, attempt, error=f"HTTP {e.code} {detail}".strip(), timeouts=timeouts)
             error, wait = f"HTTP {e.code}", retry_after((e.headers or {}).get("Retry-After"))
         except (ValueError, LookupError, TypeError) as e:  # not JSON, or not the chat-completions shape
             error = f"malformed response ({type(e).__name__}: {raw[:60]!r})"
         except (OSError, http.client.HTTPException) as e:  # refused, reset, timed out (URLError is an OSError)
-            error = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+            error, timed_out = f"{type(e).__name__}: {getattr(e, 'reason', e)}", _is_timeout(e)
+            timeouts += timed_out
+        on_error(attempt, error, timed_out)
         if attempt > cfg.retries or STOP.is_set():
-            return Reply(None, attempt, error=error)
-        base = min(cfg.max_backoff, cfg.backoff * 2 ** (attempt - 1))
-        jitter = random.uniform(0, base / 2)  # concurrent workers that failed together do not retry together
-        _sleep((min(wait, MAX_RETRY_AFTER) if wait is not None else base / 2) + jitter)
+            return Reply(None, attempt, error=error, timeouts=timeouts)
+        _sleep(backoff(cfg, attempt, wait))
 
 
-def openai_backend(base_url: str, model: str, args):
-    """complete(prompts) -> replies, one request at a time: the caller runs --concurrency of these in threads, so
+def openai_backend(cfg: OpenAIConfig, concurrency: int, say_waiting, warn):
+    """complete(prompts) -> replies, one request at a time: the caller runs `concurrency` of these in threads, so
     exactly that many requests are in flight. After a failed sample the question is lost anyway, so the rest of its
-    prompts are not sent."""
-    cfg = OpenAIConfig(base_url.rstrip("/") + "/chat/completions", model, args.temperature, args.max_tokens,
-                       args.timeout, args.retries, args.backoff, args.max_backoff, os.environ.get("OPENAI_API_KEY", ""))
+    prompts are not sent. Every failed attempt is shown with say_waiting; once as many requests have timed out as
+    there are in flight, warn says why that happens."""
+    lock, timeouts = threading.Lock(), [0]
+
+    def on_error(attempt: int, error: str, timed_out: bool) -> None:
+        if attempt <= cfg.retries:
+            say_waiting(waiting_line(attempt, cfg.retries, error))
+        if not timed_out or concurrency == 1:
+            return
+        with lock:
+            timeouts[0] += 1
+            if timeouts[0] != concurrency:
+                return
+        # --timeout runs from the moment a request is sent, so it includes the wait in the queue of a server that
+        # serves fewer requests at once than --concurrency sends; the abandoned requests keep its slots busy
+        warn(f"warning: {concurrency} requests timed out after --timeout {cfg.timeout:g} s with --concurrency "
+             f"{concurrency}: a server that answers fewer requests at once queues the rest, and the queue counts "
+             f"against --timeout. Lower --concurrency to the server's parallel slots, or raise --timeout to "
+             f"--concurrency / slots times the time of one answer")
 
     def complete(prompts: list[str]) -> list[Reply]:
         replies = []
@@ -514,7 +618,7 @@ def openai_backend(base_url: str, model: str, args):
             if STOP.is_set() or (replies and replies[-1].text is None):
                 replies.append(Reply(None, error="not sent"))
             else:
-                replies.append(chat_completion(cfg, p))
+                replies.append(chat_completion(cfg, p, on_error))
         return replies
     return complete
 
@@ -554,21 +658,31 @@ class Outcome:
     q: dict  # {id, question, answer, kind}
     rationales: dict[str, str] = field(default_factory=dict)  # perspective -> its first correct sample, canonical
     samples: dict[str, int] = field(default_factory=dict)  # perspective -> samples judged
+    short: dict[str, int] = field(default_factory=dict)  # perspective -> right samples dropped by --min-words
     easy: bool = False  # every perspective right on its first sample
     failed: str = ""  # why some sample got no usable answer; such a question is not written
+    rejected: str = ""  # why the server refused a sample for good; such a question is dropped
+    fatal: str = ""  # why the server refuses every request; the run stops
     requests: int = 0
     retries: int = 0
     truncated: int = 0  # samples cut off by --max-tokens (judged wrong)
     tokens_in: int = 0
     tokens_out: int = 0
+    timeouts: int = 0
+
+    def counts(self) -> dict:
+        """What this question cost and how the judge fared, stored on its output line: OUT.stats.json is summed from
+        these, so it describes the whole output file whichever runs wrote it."""
+        return {"samples": self.samples, "short": self.short,
+                **{n: getattr(self, n) for n in ("requests", "retries", "truncated", "tokens_in", "tokens_out")}}
 
 
-def solve(qs: list[dict], complete, n_samples: int, strict: bool = False) -> list[Outcome]:
+def solve(qs: list[dict], complete, n_samples: int, strict: bool = False, min_words: int = 0) -> list[Outcome]:
     """Sampling rounds for a group of questions: round r asks once more for every perspective that has no correct
     rationale yet, so --samples-per-perspective N costs more than one request only where the teacher was wrong."""
     outs = [Outcome(q) for q in qs]
     for r in range(n_samples):
-        todo = [(o, k) for o in outs if not o.failed for k in KEYS if k not in o.rationales]
+        todo = [(o, k) for o in outs if not (o.failed or o.rejected) for k in KEYS if k not in o.rationales]
         if not todo or STOP.is_set():
             break
         replies = complete([teacher_prompt(o.q["question"], k) for o, k in todo])
@@ -577,13 +691,23 @@ def solve(qs: list[dict], complete, n_samples: int, strict: bool = False) -> lis
             o.retries += max(0, rep.attempts - 1)
             o.tokens_in += rep.tokens_in
             o.tokens_out += rep.tokens_out
+            o.timeouts += rep.timeouts
             if rep.text is None:
-                o.failed = o.failed or f"{k}: {rep.error}"
+                if rep.fatal:
+                    STOP.set()  # before the main thread sees it: no worker sends another request
+                    o.fatal = o.fatal or rep.error
+                if rep.rejected:
+                    o.rejected = o.rejected or f"{k}: {rep.error}"
+                elif not (o.failed or o.rejected):  # the first reason; the prompts after it were not sent
+                    o.failed = f"{k}: {rep.error}"
                 continue
             o.samples[k] = o.samples.get(k, 0) + 1
             o.truncated += rep.truncated
             # a cut-off rationale has no conclusion: the last number in it is not its answer
             good = None if rep.truncated else judge(rep.text, o.q, strict)
+            if good is not None and too_short(good, min_words):
+                o.short[k] = o.short.get(k, 0) + 1
+                good = None
             if good is not None:
                 o.rationales[k] = good
         if r == 0:
@@ -596,9 +720,12 @@ def solve(qs: list[dict], complete, n_samples: int, strict: bool = False) -> lis
 
 
 def verdict(o: Outcome, min_perspectives: int, keep_easy: float, seed: int) -> str:
-    """kept, failed, too_few (perspectives with a correct rationale) or easy (downsampled)."""
+    """kept, failed, rejected (by the server), too_few (perspectives with a correct rationale) or easy
+    (downsampled)."""
     if o.failed:
         return "failed"
+    if o.rejected:
+        return "rejected"
     if len(o.rationales) < min_perspectives:
         return "too_few"
     # one draw per question id, so a rerun (or a resumed run) makes the same choice whatever the order
@@ -720,7 +847,8 @@ def dry_run(questions: list[dict], todo: list[dict], args) -> dict:
           f"({len(questions) - len(todo)} already in {args.out} or its .dropped.jsonl); the teacher is not called")
     print(f"requests:   {n:,}" + (f" (up to {n * N:,} if samples keep being wrong)" if N > 1 else ""))
     print(f"tokens in:  ~{tokens_in:,}" + (f" (up to ~{tokens_in * N:,})" if N > 1 else "") +
-          " (~4 characters per token, chat template not counted)")
+          " (~4 characters per token; the chat template's own tokens, such as a default system prompt, are not "
+          "counted: SmolLM2's add 16%)")
     print("tokens out: " + (f"~{n * typical:,} at ~{typical} per rationale (the mean of {os.path.relpath(DEMO)}), "
                             if typical else "")
           + f"at most {n * N * args.max_tokens:,} (--max-tokens {args.max_tokens})")
@@ -728,8 +856,66 @@ def dry_run(questions: list[dict], todo: list[dict], args) -> dict:
             "tokens_out_typical": n * typical if typical else None, "tokens_out_max": n * N * args.max_tokens}
 
 
+def say(msg: str, err: bool = False) -> None:
+    """print that survives a reader that is gone: `| tee` gets the same Ctrl-C and exits first, and a BrokenPipeError
+    traceback (exit 1) would replace the run's summary, its stats file and its exit status."""
+    stream = sys.stderr if err else sys.stdout
+    try:
+        print(msg, file=stream, flush=True)
+    except BrokenPipeError:
+        mute(stream)
+
+
+def mute(stream) -> None:
+    """Point a stream whose reader is gone at /dev/null: later writes, and Python's flush at exit, succeed unseen."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+    except (OSError, ValueError):  # not a real file (pytest's capture): nothing to protect
+        pass
+
+
+COUNTERS = ("requests", "retries", "truncated", "tokens_in", "tokens_out")
+REASONS = ("too_few", "easy", "rejected")  # why a question is in OUT.dropped.jsonl
+
+
+def output_stats(out: str, dropped_path: str) -> dict:
+    """Totals over every line of OUT and OUT.dropped.jsonl, whichever run wrote it (each line carries its question's
+    counts): what OUT.stats.json reports, so it stays true after a resume with nothing left to do or a kill -9."""
+    st = {"kept": 0, "dropped": 0, "dropped_by_reason": dict.fromkeys(REASONS, 0), **dict.fromkeys(COUNTERS, 0),
+          "lines_without_counts": 0}
+    per = {k: {"samples": 0, "correct": 0, "short": 0} for k in KEYS}
+    for path, kept in ((out, True), (dropped_path, False)):
+        if not os.path.exists(path):
+            continue
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except ValueError:  # resume_ids reported it
+                    continue
+                if not isinstance(row, dict):
+                    continue
+                st["kept" if kept else "dropped"] += 1
+                if not kept:
+                    reason = str(row.get("reason"))
+                    st["dropped_by_reason"][reason] = st["dropped_by_reason"].get(reason, 0) + 1
+                c = row.get("teacher_counts")
+                if not isinstance(c, dict):  # written by a version that did not count per line
+                    st["lines_without_counts"] += 1
+                    continue
+                for n in COUNTERS:
+                    st[n] += int(c.get(n) or 0)
+                for k in KEYS:
+                    per[k]["samples"] += int((c.get("samples") or {}).get(k, 0))
+                    per[k]["short"] += int((c.get("short") or {}).get(k, 0))
+                    per[k]["correct"] += k in (row.get("rationales") or {})
+    st["acceptance"] = {k: {**v, "rate": round(v["correct"] / v["samples"], 4) if v["samples"] else None}
+                        for k, v in per.items()}
+    return st
+
+
 def run_teacher(args, backend: str, target: str, model: str) -> dict:
-    """Generate, judge and append every question of --data not yet in --out; save and return the run's stats."""
+    """Generate, judge and append every question of --data not yet in --out; save and return the stats."""
     t0 = time.time()
     STOP.clear()
     questions = load_questions(args.data, args.limit)
@@ -738,15 +924,27 @@ def run_teacher(args, backend: str, target: str, model: str) -> dict:
         raise SystemExit(f"error: --out {out}: is a directory; the hf:/openai: teachers write one JSONL file")
     if os.path.exists(out) and os.path.samefile(out, args.data):
         raise SystemExit(f"error: --out {out} is the --data file")
-    warn = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+    warn = lambda msg: say(msg, err=True)  # noqa: E731
+    note = lambda msg: tqdm.write(msg, file=sys.stderr)  # noqa: E731 - above the progress bar, from any thread
+    # read first, without repairing: a wrong --out is refused before the teacher is loaded or asked anything
+    done = (resume_ids(out, "rationales", False, warn if args.dry_run else lambda _: None)
+            | resume_ids(dropped_path, "reason", False, warn if args.dry_run else lambda _: None))
     if args.dry_run:
-        done = resume_ids(out, "rationales", False, warn) | resume_ids(dropped_path, "reason", False, warn)
         return dry_run(questions, [q for q in questions if q["id"] not in done], args)
 
-    # the model is loaded (and a wrong path reported) before any output file is touched
-    complete = openai_backend(target, model, args) if backend == "openai" else hf_backend(target, args)
+    # the model is loaded (a wrong path reported), or the server asked for its models, before any output file exists
+    if backend == "openai":
+        cfg = OpenAIConfig(target.rstrip("/"), model, args.temperature, args.max_tokens, args.timeout, args.retries,
+                           args.backoff, args.max_backoff, os.environ.get("OPENAI_API_KEY", ""))
+        try:
+            check_model(cfg, warn)
+        except TeacherError as e:
+            raise SystemExit(f"error: --teacher {args.teacher}: {e}")
+    else:
+        complete = hf_backend(target, args)
     workers, group = (args.concurrency, 1) if backend == "openai" else (1, args.batch_size)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    created = [p for p in (out, dropped_path) if not os.path.exists(p)]
     f_out = open(out, "a", encoding="utf-8")
     f_drop = None
     try:
@@ -755,82 +953,124 @@ def run_teacher(args, backend: str, target: str, model: str) -> dict:
         f_drop = open(dropped_path, "a", encoding="utf-8")
         todo = [q for q in questions if q["id"] not in done]
         groups = [todo[i:i + group] for i in range(0, len(todo), group)]
-        counts = dict.fromkeys(("kept", "too_few", "easy", "failed"), 0)
-        tot = dict.fromkeys(("requests", "retries", "truncated", "tokens_in", "tokens_out"), 0)
-        per = {k: {"samples": 0, "correct": 0} for k in KEYS}
-        status, in_a_row = "finished", 0
+        counts = dict.fromkeys(("kept",) + REASONS + ("failed",), 0)
+        tot = dict.fromkeys(COUNTERS + ("timeouts",), 0)
+        status, in_a_row, written = "finished", 0, 0
+        pending = []  # refused questions of the current run of failures, written once a question gets through
         bar = tqdm(total=len(todo), desc="teacher", unit="q", disable=args.no_progress, file=sys.stderr)
+        if backend == "openai":
+            # from the first failed attempt, not only once a question has failed after every retry
+            say_waiting = note if bar.disable else lambda msg: bar.set_description_str(f"teacher: {msg}")
+            complete = openai_backend(cfg, workers, say_waiting, note)
+
+        def write(f, row: dict) -> None:
+            nonlocal written
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.flush()
+            written += 1
+
         try:
-            solve_group = lambda g: solve(g, complete, args.samples_per_perspective, args.strict_judge)  # noqa: E731
+            solve_group = lambda g: solve(g, complete, args.samples_per_perspective, args.strict_judge,  # noqa: E731
+                                          args.min_words)
             for outs in solve_all(groups, solve_group, workers):
                 for o in outs:
                     v = verdict(o, args.min_perspectives, args.keep_easy, args.seed)
                     counts[v] += 1
-                    in_a_row = in_a_row + 1 if v == "failed" else 0
+                    in_a_row = in_a_row + 1 if v in ("failed", "rejected") else 0
                     for name in tot:
                         tot[name] += getattr(o, name)
-                    for k, n in o.samples.items():
-                        per[k]["samples"] += n
-                        per[k]["correct"] += k in o.rationales
                     rats = {k: o.rationales[k] for k in KEYS if k in o.rationales}
                     if v == "kept":
-                        ex = Example(o.q["id"], o.q["question"], o.q["answer"], rats)
-                        f_out.write(json.dumps(ex.to_json(), ensure_ascii=False) + "\n")
-                        f_out.flush()
-                    elif v == "failed":
-                        tqdm.write(f"warning: {o.q['id']}: the teacher failed ({o.failed}); not written, a rerun "
-                                   f"asks again", file=sys.stderr)
-                    else:
-                        f_drop.write(json.dumps({"id": o.q["id"], "reason": v, "easy": o.easy, "rationales": rats},
-                                                ensure_ascii=False) + "\n")
-                        f_drop.flush()
+                        write(f_out, {**Example(o.q["id"], o.q["question"], o.q["answer"], rats).to_json(),
+                                      "teacher_counts": o.counts()})
+                    elif v == "failed" and not o.fatal:
+                        note(f"warning: {o.q['id']}: the teacher failed ({o.failed}); not written, a rerun asks again")
+                    elif v != "failed":
+                        row = {"id": o.q["id"], "reason": v, "easy": o.easy, "rationales": rats,
+                               **({"error": o.rejected} if o.rejected else {}), "teacher_counts": o.counts()}
+                        if v == "rejected":
+                            note(f"warning: {o.q['id']}: dropped, the server refused it ({o.rejected})")
+                            # held back while nothing else gets through: a server that refuses every request
+                            # refuses a setting (--max-tokens, ...), not these questions, and they are asked again
+                            pending.append(row)
+                        else:
+                            write(f_drop, row)
+                    if in_a_row == 0:
+                        for row in pending:
+                            write(f_drop, row)
+                        pending.clear()
+                        if not bar.disable:
+                            bar.set_description_str("teacher", refresh=False)  # the teacher answers again
+                    if o.fatal:
+                        raise TeacherError(o.fatal)
                 bar.update(len(outs))
                 if args.max_consecutive_failures and in_a_row >= args.max_consecutive_failures:
                     # a teacher that is down is not one bad question: stop instead of failing the whole file slowly
-                    raise TeacherError(f"failed on {in_a_row} questions in a row (last: {o.failed}); is it up? "
-                                       f"Rerun the same command to continue")
-                bar.set_postfix(kept=counts["kept"], dropped=counts["too_few"] + counts["easy"],
+                    raise TeacherError(f"failed on {in_a_row} questions in a row (last: {o.failed or o.rejected}); "
+                                       + ("is it up?" if o.failed else "does it refuse a setting such as --max-tokens? "
+                                          "None of them was written as dropped.")
+                                       + " Rerun the same command to continue")
+                bar.set_postfix(kept=counts["kept"], dropped=sum(counts[r] for r in REASONS),
                                 failed=counts["failed"], retries=tot["retries"], refresh=False)
         except KeyboardInterrupt:
+            STOP.set()
+            status = "interrupted"
+        except BrokenPipeError:  # the progress bar's reader is gone (`2>&1 | tee` after Ctrl-C, `| head`): stop too
+            mute(sys.stderr)
             STOP.set()
             status = "interrupted"
         except TeacherError as e:
             STOP.set()
             status = f"error: --teacher {args.teacher}: {e}"
+            pending.clear()
         finally:
-            bar.close()
+            try:
+                bar.close()
+            except BrokenPipeError:
+                mute(sys.stderr)
+        for row in pending:
+            write(f_drop, row)
     finally:
         f_out.close()
         if f_drop:
             f_drop.close()
+    if status.startswith("error"):  # nothing of this run in them: do not leave empty files behind
+        for p in created:
+            if os.path.exists(p) and os.path.getsize(p) == 0:
+                os.remove(p)
 
+    dropped = sum(counts[r] for r in REASONS)
+    this_run = {"already_done": len(questions) - len(todo), "todo": len(todo), "kept": counts["kept"],
+                "dropped": dropped, "dropped_by_reason": {r: counts[r] for r in REASONS}, "failed": counts["failed"],
+                "not_reached": len(todo) - sum(counts.values()), **tot, "wall_time_s": round(time.time() - t0, 3)}
     stats = {"teacher": args.teacher, "data": args.data, "out": out, "status": status,
-             "questions": len(questions), "already_done": len(questions) - len(todo), "todo": len(todo),
-             "kept": counts["kept"], "dropped": counts["too_few"] + counts["easy"],
-             "dropped_too_few_perspectives": counts["too_few"], "dropped_easy": counts["easy"],
-             "failed": counts["failed"], "not_reached": len(todo) - sum(counts.values()),
-             **tot, "wall_time_s": round(time.time() - t0, 3),
-             "acceptance": {k: {**v, "rate": round(v["correct"] / v["samples"], 4) if v["samples"] else None}
-                            for k, v in per.items()},
-             "settings": {n: getattr(args, n) for n in ("samples_per_perspective", "min_perspectives", "keep_easy",
-                                                        "strict_judge", "temperature", "max_tokens", "seed")}}
-    write_json(stats_path, stats)
-    print(f"{status}: kept {stats['kept']}, dropped {stats['dropped']} ({counts['too_few']} with fewer than "
-          f"{args.min_perspectives} correct perspectives, {counts['easy']} easy), failed {stats['failed']}"
-          + (f", not reached {stats['not_reached']}" if stats["not_reached"] else "")
-          + f" of {len(todo)} questions ({stats['already_done']} done before)")
-    print(f"requests {tot['requests']:,}, retries {tot['retries']:,}, tokens in {tot['tokens_in']:,} / out "
-          f"{tot['tokens_out']:,}, {stats['wall_time_s']:.1f} s")
+             "questions": len(questions), "remaining": len(todo) - written, **output_stats(out, dropped_path),
+             "this_run": this_run,
+             "settings": {n: getattr(args, n) for n in ("samples_per_perspective", "min_perspectives", "min_words",
+                                                        "keep_easy", "strict_judge", "temperature", "max_tokens",
+                                                        "seed")}}
+    write_json(stats_path, stats)  # before anything is printed: a closed pipe cannot cost the stats
+    word = status if status in ("finished", "interrupted") else "stopped"
+    say(f"{word}: kept {counts['kept']}, dropped {dropped} ({counts['too_few']} with fewer than "
+        f"{args.min_perspectives} correct perspectives, {counts['easy']} easy, {counts['rejected']} refused by the "
+        f"server), failed {counts['failed']}"
+        + (f", not reached {this_run['not_reached']}" if this_run["not_reached"] else "")
+        + f" of {len(todo)} questions ({this_run['already_done']} done before)")
+    say(f"requests {tot['requests']:,}, retries {tot['retries']:,}"
+        + (f" ({tot['timeouts']:,} timeouts)" if tot["timeouts"] else "")
+        + f", tokens in {tot['tokens_in']:,} / out {tot['tokens_out']:,}, {this_run['wall_time_s']:.1f} s")
     if tot["truncated"]:
-        print(f"{tot['truncated']} samples were cut off by --max-tokens {args.max_tokens} and judged wrong; "
-              f"consider a larger --max-tokens", file=sys.stderr)
-    print("acceptance: " + ", ".join(f"{k} {v['rate']:.0%}" if v["rate"] is not None else f"{k} -"
-                                     for k, v in stats["acceptance"].items()))
-    print(f"wrote {out}, {dropped_path}, {stats_path}")
-    if stats["failed"] or status == "interrupted":
-        print("rerun the same command to ask again for the questions not written", file=sys.stderr)
+        warn(f"{tot['truncated']} samples were cut off by --max-tokens {args.max_tokens} and judged wrong; "
+             f"consider a larger --max-tokens")
+    say(f"{out}: {stats['kept']} kept, {stats['dropped']} dropped; {stats['remaining']} of the {len(questions)} "
+        f"questions still to do. Acceptance over the file: "
+        + ", ".join((f"{k} {v['rate']:.0%}" if v["rate"] is not None else f"{k} -")
+                    + (f" ({v['short']} too short)" if v["short"] else "") for k, v in stats["acceptance"].items()))
+    say("wrote " + ", ".join(p for p in (out, dropped_path, stats_path) if os.path.exists(p)))
+    if counts["failed"] or status == "interrupted":
+        warn("rerun the same command to ask again for the questions not written")
     if status.startswith("error"):
-        raise SystemExit(status)
+        raise SystemExit(status)  # the one place the error is printed
     if status == "interrupted":
         raise SystemExit(130)
     return stats
@@ -895,6 +1135,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--keep-easy", type=float, default=1.0, metavar="P",
                    help="keep a question whose eight first samples were all right with probability P (difficulty-"
                         "aware downsampling; one seeded draw per question id)")
+    g.add_argument("--min-words", type=int, default=8, metavar="W",
+                   help="drop a right rationale with fewer than W words of reasoning before its final line (\"1\\n5\\n"
+                        "The answer is 5.\" has 2); counted per perspective as `short` in OUT.stats.json")
     g.add_argument("--strict-judge", action="store_true",
                    help="read the answer only from a final line 'The answer is X.' (otherwise also the last "
                         "\\boxed{}, 'answer: X', or the last number / letter / yes-no, as eval.py's flexible grading)")
@@ -945,7 +1188,7 @@ def main(argv=None):
         v = getattr(args, name)
         if v is not None and v < 1:
             ap.error(f"--{name.replace('_', '-')} {v}: must be >= 1")
-    for name in ("temperature", "retries", "backoff", "max_backoff", "max_consecutive_failures"):
+    for name in ("temperature", "retries", "backoff", "max_backoff", "max_consecutive_failures", "min_words"):
         if getattr(args, name) < 0:
             ap.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 0")
     if args.timeout <= 0:
@@ -962,4 +1205,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     stats = main()
-    sys.exit(3 if stats and stats.get("failed") else 0)  # 3: some questions failed; rerunning asks again
+    sys.exit(3 if stats and stats["this_run"]["failed"] else 0)  # 3: some questions failed; rerunning asks again
