@@ -26,6 +26,7 @@ import os
 import random
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -33,7 +34,8 @@ import torch
 from tqdm import tqdm
 
 import perspectives
-from eval import Encoded, HelpFormatter, encode_example, evaluate, evaluate_tasks, read_questions, task_path, write_json
+from eval import (DEFAULT_TASKS, GPQA_HELP, Encoded, HelpFormatter, encode_example, evaluate, evaluate_tasks,
+                  read_questions, task_name, task_path, write_json, write_results)
 from losses import consistency_loss, mcc_kl, meta_loss, weighted_sft
 from metanet import MetaNet, encode_sentences
 from mind import InertiaCalibrator, Mind
@@ -42,6 +44,8 @@ from student import (PRECISIONS, Compute, StudentSpec, atomic_torch_save, find_c
                      set_rng_state, truncate_log)
 
 K = perspectives.K  # 8 perspectives
+# the paper-sized training set a pretrained student trains on by default (data/mind_gsm8k_train.md)
+PAPER_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "mind_gsm8k_train.jsonl")
 
 
 # -----------------------------------------------------------------------------
@@ -93,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = ap.add_argument_group("data")
     g.add_argument("--data", default=None,
                    help="training JSONL (MIND format), or a directory with train.jsonl [+ test_id.jsonl, test_ood.jsonl] "
-                        "as written by perspectives.py; default: the synthetic world generated in memory from --seed")
+                        "as written by perspectives.py; default: the synthetic world generated in memory from --seed "
+                        "for the tiny student, data/mind_gsm8k_train.jsonl (518 GSM8K questions x 8) for a pretrained one")
     g.add_argument("--eval-id", default=None, help="JSONL of in-distribution test questions (question, answer)")
     g.add_argument("--eval-ood", default=None, help="JSONL of out-of-distribution test questions (question, answer)")
     g.add_argument("--synthetic-n", type=int, default=1000, help="training questions of the in-memory synthetic world")
@@ -192,8 +197,10 @@ def add_training_flags(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--max-new-tokens", type=int, default=None,
                    help="generation budget (default: 1.5x the longest training completion, at most 512)")
     g.add_argument("--eval-tasks", default=None,
-                   help="after training, also evaluate these benchmarks with eval.py (comma list, e.g. "
-                        "gsm8k,svamp,math500,csqa,strategyqa,gpqa_diamond); generations go to OUT/eval/")
+                   help="benchmarks evaluated with eval.py for the initial student (once, OUT/eval_base/) and after "
+                        "training (OUT/eval/), tabulated like the paper in OUT/results.md (comma list; 'none': off). "
+                        f"Default: none for the tiny student; {DEFAULT_TASKS} (+ gpqa_diamond with --gpqa-csv) for a "
+                        "pretrained one")
     g.add_argument("--eval-tasks-limit", type=int, default=None, help="questions per benchmark of --eval-tasks")
     g.add_argument("--eval-data-dir", default=None, help="benchmark files for --eval-tasks (default: data/benchmarks)")
     g.add_argument("--gpqa-csv", default=None, help="the official gpqa_diamond.csv, for --eval-tasks gpqa_diamond")
@@ -217,6 +224,13 @@ def given_flags(ap: argparse.ArgumentParser, argv: list[str]) -> set[str]:
 
 def flag(dest: str) -> str:
     return "--" + dest.replace("_", "-")
+
+
+def eval_tasks(flag_value: str | None, student: str, gpqa_csv: str | None) -> list[str]:
+    """The benchmarks of --eval-tasks; by default the paper's table for a pretrained student, none for the tiny one."""
+    if flag_value is None:
+        return [] if student == "tiny" else DEFAULT_TASKS.split(",") + (["gpqa_diamond"] if gpqa_csv else [])
+    return [] if flag_value == "none" else [t for t in flag_value.split(",") if t]
 
 
 def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace, given: set[str]) -> None:
@@ -259,11 +273,14 @@ def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace, given: set
     unused.update({f: f"--student {args.student}" for f in ("tiny_hidden", "tiny_layers", "tiny_heads", "tiny_vocab")
                    if args.student != "tiny"})
     unused.update({f: "--lora-r 0" for f in ("lora_alpha", "lora_dropout") if not args.lora_r})
-    unused.update({f: f"--data {args.data}" for f in ("synthetic_n", "synthetic_n_test") if args.data})
+    unused.update({f: f"--data {args.data}" if args.data else f"--student {args.student} (it trains on {PAPER_DATA})"
+                   for f in ("synthetic_n", "synthetic_n_test") if args.data or args.student != "tiny"})
     unused.update({f: "--student tiny (nothing to plan)" for f in ("plan_perspectives", "plan_gpu_gib")
                    if args.student == "tiny"})
-    unused.update({f: "no --eval-tasks" for f in ("eval_tasks_limit", "eval_data_dir") if not args.eval_tasks})
-    if "gpqa_diamond" not in (args.eval_tasks or ""):
+    tasks = eval_tasks(args.eval_tasks, args.student, args.gpqa_csv)
+    unused.update({f: "no benchmark to evaluate (--eval-tasks)" for f in ("eval_tasks_limit", "eval_data_dir")
+                   if not tasks})
+    if "gpqa_diamond" not in tasks:
         unused["gpqa_csv"] = "--eval-tasks without gpqa_diamond"
     if not args.eval_every:
         unused["eval_limit"] = "--eval-every 0"
@@ -342,6 +359,10 @@ def load_data(data: str | None, eval_id: str | None, eval_ood: str | None, synth
             evals[name] = read_questions(path)
     if not train:
         raise SystemExit(f"error: {data}: no usable training question")
+    counts = Counter(len(ex.rationales) for ex in train)
+    if set(counts) != {K}:  # absent perspectives are masked out of selection, α and the JS pairs
+        print(f"{data}: questions by number of perspectives: " +
+              ", ".join(f"{n}: {counts[n]}" for n in sorted(counts, reverse=True)) + " (absent ones are masked)")
     return train, evals
 
 
@@ -651,6 +672,61 @@ def run_eval(model, tokenizer, evals: dict, splits: list[str], limit: int | None
 # The run
 
 
+def describe_run(args, model, seqs: list, mask: torch.Tensor) -> None:
+    """Say what the run will do before it starts, with the memory plan's peak for a pretrained student: a user whose
+    GPU is too small learns it now, with the flag that brings the plan under, not after the first step's OOM."""
+    n = mask.sum(1).float()
+    tokens = [len(s.input_ids) for row in seqs for s in row if s]
+    per_step = sum(tokens) / len(seqs) * args.batch_size * args.grad_accum
+    epochs = args.steps * args.batch_size * args.grad_accum / len(seqs)
+    print(f"run: {len(seqs)} questions, {int(n.sum())} rationales ({n.mean():.1f} per question), {args.steps} steps "
+          f"= {epochs:.2f} epochs, ~{per_step:,.0f} tokens per step (mean {sum(tokens) / len(tokens):.0f} per sequence, "
+          f"--max-len {args.max_len})")
+    if args.student == "tiny":
+        return
+    from scripts.plan_memory import memory_plan
+    on_gpu = args.device.startswith("cuda")
+    gib = torch.cuda.get_device_properties(args.device).total_memory / 2 ** 30 if on_gpu else args.plan_gpu_gib
+    plan = lambda **kw: memory_plan(model.config, argparse.Namespace(**{**vars(args), "plan_gpu_gib": gib, **kw}))
+    p = plan()
+    where = f"this GPU's {gib:.0f} GiB" if on_gpu else f"a {gib:g} GiB GPU (--plan-gpu-gib)"
+    print(f"memory plan (every rationale --max-len long, scripts/plan_memory.py): peak {p['gib']['peak']} GiB at "
+          f"'{p['peak_at']}' on {where}: {'fits' if p['fits'] else 'does NOT fit'}")
+    if p["fits"]:
+        return
+    tries = [("--grad-checkpointing", {"grad_checkpointing": True})] if not args.grad_checkpointing else []
+    tries += [("--lora-r 16", {"lora_r": 16, "grad_checkpointing": True})] if not args.lora_r else []
+    tries += [(f"--batch-size {b}", {"batch_size": b, "grad_checkpointing": True}) for b in (2, 1)
+              if b < args.batch_size]
+    for label, kw in tries:
+        q = plan(**kw)
+        if q["fits"]:
+            extra = " --grad-checkpointing" if label != "--grad-checkpointing" and not args.grad_checkpointing else ""
+            print(f"warning: {label}{extra} brings the plan to {q['gib']['peak']} GiB, which fits")
+            return
+    print("warning: no single flag brings the plan under; see the README's memory section")
+
+
+def evaluate_base(model, tokenizer, tasks: list[str], args, resuming: bool) -> dict | None:
+    """The initial student on the benchmarks, once: OUT/eval_base/ (its generations are reused by a rerun, and by
+    scripts/paper.py across methods). A resumed run's weights have moved on, so it only reads a finished one."""
+    out = os.path.join(args.out, "eval_base")
+    names = [task_name(t) for t in tasks]
+    if resuming:
+        done = json.load(open(os.path.join(out, "results.json"))) if os.path.exists(os.path.join(out, "results.json")) \
+            else {}
+        if all(n in done for n in names):
+            return {n: done[n] for n in names}
+        print(f"note: {out} has no finished base evaluation: results.md gets no base row")
+        return None
+    results = evaluate_tasks(model, tokenizer, tasks, args.eval_data_dir, args.gpqa_csv, args.eval_tasks_limit,
+                             args.max_new_tokens, args.eval_batch_size, out, not args.no_progress, resume=True,
+                             model_name=f"base {args.student} {args.precision}")
+    for n, m in results.items():
+        print(f"base {n}: accuracy {m['accuracy']:.3f} (strict {m['strict_accuracy']:.3f}) on {m['n']} questions")
+    return results
+
+
 def stages_1_and_2(model, tokenizer, train: list, seqs: list, mask: torch.Tensor, calibrator: InertiaCalibrator,
                    compute: Compute, method: Method, args, resuming: bool):
     """Stage 1, the probe (ℓ⁰ seeds the calibrator; the MetaNet's features), cached in OUT/probe.pt; stage 2, the
@@ -682,14 +758,19 @@ def stages_1_and_2(model, tokenizer, train: list, seqs: list, mask: torch.Tensor
     return features, metanet, meta_opt
 
 
-def final_evaluation(model, tokenizer, tasks: list[str], args, evaluate_now) -> dict:
-    """The test splits of the data (id, ood) and the --eval-tasks benchmarks (generations in OUT/eval/)."""
+def final_evaluation(model, tokenizer, tasks: list[str], args, evaluate_now, base: dict | None) -> dict:
+    """The test splits of the data (id, ood) and the --eval-tasks benchmarks (generations in OUT/eval/), with the
+    paper's table of the initial student against the trained one in OUT/results.md and results.json."""
     t0 = time.time()
     results = evaluate_now(["id", "ood"], None)
     if tasks:
-        results.update(evaluate_tasks(model, tokenizer, tasks, args.eval_data_dir, args.gpqa_csv, args.eval_tasks_limit,
-                                      args.max_new_tokens, args.eval_batch_size, os.path.join(args.out, "eval"),
-                                      not args.no_progress))
+        trained = evaluate_tasks(model, tokenizer, tasks, args.eval_data_dir, args.gpqa_csv, args.eval_tasks_limit,
+                                 args.max_new_tokens, args.eval_batch_size, os.path.join(args.out, "eval"),
+                                 not args.no_progress)
+        results.update(trained)
+        skipped = {} if "gpqa_diamond" in tasks else {"gpqa_diamond": f"no --gpqa-csv given. {GPQA_HELP}"}
+        write_results(args.out, {**({"base": base} if base else {}), "trained": trained}, skipped)
+        print(open(os.path.join(args.out, "results.md")).read())
     print(f"final evaluation took {time.time() - t0:.1f}s")
     for name, m in results.items():
         print(f"eval {name}: accuracy {m['accuracy']:.3f} (strict {m['strict_accuracy']:.3f}) on {m['n']} questions")
@@ -703,10 +784,12 @@ def main(argv=None):
     if args.dry_run:
         from scripts.plan_memory import dry_run
         return dry_run(args)
+    if args.data is None and args.student != "tiny":
+        args.data = PAPER_DATA  # a pretrained student runs the paper's experiment by default
     saved_args = {**vars(args), "resume": None}  # what trainer.pt keeps: device-dependent flags as given
     os.makedirs(args.out, exist_ok=True)
     train, evals = load_data(args.data, args.eval_id, args.eval_ood, args.synthetic_n, args.synthetic_n_test, args.seed)
-    tasks = [t for t in (args.eval_tasks or "").split(",") if t]
+    tasks = eval_tasks(args.eval_tasks, args.student, args.gpqa_csv)
     for t in tasks:  # a missing benchmark file fails now, not after hours of training
         task_path(t, args.eval_data_dir, args.gpqa_csv)
     resolve_defaults(args, len(train))
@@ -727,6 +810,8 @@ def main(argv=None):
         longest = max(len(s.input_ids) - s.prompt_len for row in seqs for s in row if s)
         args.max_new_tokens = min(512, int(1.5 * longest) + 8)
     compute = Compute(args.device, args.max_batch_tokens, args.precision)
+    describe_run(args, model, seqs, mask)
+    base = evaluate_base(model, tokenizer, tasks, args, resuming=state is not None) if tasks else None
     qids = [ex.id for ex in train]
     calibrator = InertiaCalibrator(K, args.inertia)
 
@@ -748,7 +833,7 @@ def main(argv=None):
     train_time = joint_stage(loop, cfg, order, step, train_time, args, saved_args, evaluate_now)
 
     # ---- final evaluation
-    results = final_evaluation(model, tokenizer, tasks, args, evaluate_now)
+    results = final_evaluation(model, tokenizer, tasks, args, evaluate_now, base)
     metrics = {"eval": results, "config": vars(args), "steps": args.steps, "tokens": loop.tokens,
                "tokens_per_s": loop.tokens / max(train_time, 1e-9), "padding_ratio": loop.padded / max(loop.tokens, 1),
                "train_time_s": train_time, "parameters": n_params, "c": calibrator.c.tolist(),

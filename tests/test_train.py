@@ -377,3 +377,48 @@ def test_gguf_error_names_every_missing_package(tmp_path, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "accelerate" else real(n, *a))
     with pytest.raises(SystemExit, match="accelerate"):
         student.load_pretrained(str(f), "sdpa", torch.float32)
+
+
+# ---- a pretrained student runs the paper's experiment by default (issue 11)
+
+
+def test_a_pretrained_student_runs_the_paper_experiment_by_default(tmp_path, tiny, capsys):
+    """Any student but 'tiny' trains on the shipped 518 x 8 questions and writes the paper's table: the initial
+    student (evaluated once) against the trained one, on every shipped benchmark."""
+    model, tok = tiny
+    student_dir = str(tmp_path / "student")
+    model.save_pretrained(student_dir)
+    tok.save_pretrained(student_dir)
+    out = str(tmp_path / "out")
+    flags = ["--student", student_dir, "--steps", "2", "--batch-size", "2", "--eval-tasks-limit", "2",
+             "--max-new-tokens", "4", "--eval-every", "0", "--meta-warmup-epochs", "1", "--no-progress", "--out", out]
+    m = train.main(flags)
+    said = capsys.readouterr().out
+    assert m["config"]["data"] == train.PAPER_DATA and "run: 518 questions, 4144 rationales" in said
+    assert "memory plan" in said and "peak" in said
+    res = json.load(open(os.path.join(out, "results.json")))
+    assert [r for r in res["rows"]] == ["base", "trained"]
+    assert res["columns"] == ["math500", "gsm8k", "svamp", "csqa", "strategyqa", "id_avg", "ood_avg"]
+    md = open(os.path.join(out, "results.md")).read()
+    assert "base" in md and "trained" in md and "gpqa" in md.lower()  # GPQA-Diamond: said why it is skipped
+    base_file = os.path.join(out, "eval_base", "gsm8k.jsonl")
+    assert sum(1 for _ in open(base_file)) == 2
+    # a resumed run does not evaluate the base again (its weights have moved on) and keeps the base row
+    before = os.path.getmtime(base_file)
+    train.main(["--resume", out, "--steps", "3", "--no-progress"])
+    assert os.path.getmtime(base_file) == before
+    assert list(json.load(open(os.path.join(out, "results.json")))["rows"]) == ["base", "trained"]
+    with pytest.raises(SystemExit):  # the shipped data is a file: the synthetic world's sizes would do nothing
+        train.main(flags[:2] + ["--synthetic-n", "10", "--out", str(tmp_path / "o")])
+
+
+def test_missing_perspectives_are_counted_and_masked(tmp_path, capsys):
+    rows = [json.loads(l) for l in open(os.path.join(REPO, "data", "demo_perspectives.jsonl"))][:12]
+    for r in rows[:5]:
+        for k in ("analogy", "socratic"):
+            r["rationales"].pop(k)
+    data = tmp_path / "partial.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _, log, _ = run(tmp_path, "--data", str(data), "--eval-every", "0", "--select-beta", "0", steps=2)
+    assert "questions by number of perspectives: 8: 7, 6: 5 (absent ones are masked)" in capsys.readouterr().out
+    assert all(r["sel"] <= 8 for r in log)
