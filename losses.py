@@ -148,9 +148,16 @@ def hidden_ce(hidden: torch.Tensor, head_weight: torch.Tensor, labels: torch.Ten
 def answer_logits_from_hidden(hidden: torch.Tensor, head_weight: torch.Tensor, answer_pos: torch.Tensor,
                               head_bias: torch.Tensor | None = None) -> torch.Tensor:
     """The logits at the answer-span positions only: equal to full_logits.gather(1, answer_pos) of the model's own
-    head, in fp32 (what consistency_loss and mcc_kl read). hidden[N,T,H], answer_pos[N,A] -> [N,A,V]"""
+    head, in fp32 (what consistency_loss and mcc_kl read). hidden[N,T,H], answer_pos[N,A] -> [N,A,V]
+
+    The projection is checkpointed: under autocast a plain F.linear would save the bf16 copy of the head weight
+    ([V,H], 0.47 GB for Qwen2.5-1.5B) for the backward, once per chunk of the step."""
     h = hidden.gather(1, answer_pos.unsqueeze(-1).expand(-1, -1, hidden.size(-1)))  # [N,A,H]
-    return F.linear(h, head_weight, head_bias).float()  # z_a = h_a Wᵀ + b
+    return checkpoint(_project, h, head_weight, head_bias, use_reentrant=False, preserve_rng_state=False)
+
+
+def _project(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return F.linear(h, weight, bias).float()  # z_a = h_a Wᵀ + b, read in fp32
 
 
 # -----------------------------------------------------------------------------

@@ -347,3 +347,22 @@ def test_hidden_ce_never_creates_a_tensor_of_all_tokens_by_v():
         L.hidden_ce(hidden, W, labels, chunk_tokens=chunk).sum().backward()
     assert mode.numel == chunk * V  # a chunk's logits; all tokens' would be N·T·V = 128 000
     assert hidden.grad is not None and W.grad is not None
+
+
+def test_answer_logits_under_autocast_keep_no_copy_of_the_head_weight():
+    # what autograd saves for the backward: the gathered hidden rows and the weight itself, not its [V,H] bf16 cast
+    g = torch.Generator().manual_seed(8)
+    N, T, H, V = 2, 10, 16, 300
+    hidden = torch.randn(N, T, H, generator=g, requires_grad=True)
+    W = torch.randn(V, H, generator=g, requires_grad=True)
+    pos = torch.tensor([[3, 4], [6, 7]])
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            al = L.answer_logits_from_hidden(hidden, W, pos)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = torch.nn.functional.linear(hidden, W).gather(1, pos.unsqueeze(-1).expand(-1, -1, V)).float()
+    assert al.dtype == torch.float32
+    assert torch.equal(al, ref)  # the same bf16 products
+    big = [t for t in saved if t.numel() >= V * H]
+    assert big and all(t.data_ptr() == W.data_ptr() for t in big)
