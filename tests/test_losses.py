@@ -366,3 +366,26 @@ def test_answer_logits_under_autocast_keep_no_copy_of_the_head_weight():
     assert torch.equal(al, ref)  # the same bf16 products
     big = [t for t in saved if t.numel() >= V * H]
     assert big and all(t.data_ptr() == W.data_ptr() for t in big)
+
+
+def test_training_step_three_ways_same_gradients():
+    # the step of scripts/bench_memory.py (L_SFT + λ L_cons on a tiny tied Qwen2, chunks of 3 sequences mixing
+    # questions): today's full logits with one backward, hidden_ce with one backward, and per-chunk backward
+    import argparse
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+    import bench_memory as BM
+    args = argparse.Namespace(vocab=101, hidden=32, layers=2, questions=2, perspectives=4, len=24, rows=3)
+    out = {}
+    for name, step in BM.STEPS.items():
+        model, chunks, alpha, span = BM.build(args)
+        assert len(chunks) == 3 and any(len(set(c["rows"][0].tolist())) == 2 for c in chunks)
+        loss = step(model, chunks, alpha, span, 30.0, 7)  # λ large: L_cons moves the gradient by ~30%; chunks of 7
+        out[name] = loss, {n: p.grad for n, p in model.named_parameters()}
+    want, gw = out["full"]
+    for name in ("hidden", "chunked"):
+        loss, gg = out[name]
+        assert loss == pytest.approx(want, rel=1e-5), name
+        for n in gw:
+            assert_rel(gg[n], gw[n], what=f"{name} {n}")
