@@ -151,8 +151,11 @@ def answer_logits_from_hidden(hidden: torch.Tensor, head_weight: torch.Tensor, a
     head, in fp32 (what consistency_loss and mcc_kl read). hidden[N,T,H], answer_pos[N,A] -> [N,A,V]
 
     The projection is checkpointed: under autocast a plain F.linear would save the bf16 copy of the head weight
-    ([V,H], 0.47 GB for Qwen2.5-1.5B) for the backward, once per chunk of the step."""
-    h = hidden.gather(1, answer_pos.unsqueeze(-1).expand(-1, -1, hidden.size(-1)))  # [N,A,H]
+    ([V,H], 0.47 GB for Qwen2.5-1.5B) for the backward, once per chunk of the step. The rows are taken with
+    index_select, which saves only the index (gather would keep all of `hidden` alive for its backward)."""
+    N, T, H = hidden.shape
+    flat = answer_pos + T * torch.arange(N, device=answer_pos.device).unsqueeze(1)  # position in hidden[N·T]
+    h = hidden.reshape(N * T, H).index_select(0, flat.reshape(-1)).view(*answer_pos.shape, H)  # [N,A,H]
     return checkpoint(_project, h, head_weight, head_bias, use_reentrant=False, preserve_rng_state=False)
 
 

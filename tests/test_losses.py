@@ -366,6 +366,7 @@ def test_answer_logits_under_autocast_keep_no_copy_of_the_head_weight():
     assert torch.equal(al, ref)  # the same bf16 products
     big = [t for t in saved if t.numel() >= V * H]
     assert big and all(t.data_ptr() == W.data_ptr() for t in big)
+    assert not any(t.data_ptr() == hidden.data_ptr() for t in saved)  # the [N,T,H] states are not kept either
 
 
 def test_training_step_three_ways_same_gradients():
