@@ -154,7 +154,6 @@ def child(args):
     fn = STEPS[args.child]
 
     def step():
-        model.zero_grad(set_to_none=True)  # every step allocates its gradients
         return fn(model, chunks, alpha, span, args.cons_weight, args.chunk_tokens)
 
     base = rss_bytes()
@@ -164,8 +163,10 @@ def child(args):
     rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base  # ru_maxrss: KiB on Linux
     grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()])).item()
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    alloc_peak = weights + allocator_peak(step)  # live at the step's start: the weights (grads set to None)
-    # (frees of blocks allocated before profiling are not reported, which can only raise this peak a little)
+    # every step allocates its gradients; they are dropped outside the profiled region, because the profiler does not
+    # report frees of blocks allocated before it started (it would count the old gradients as still live)
+    model.zero_grad(set_to_none=True)
+    alloc_peak = weights + allocator_peak(step)  # live at the step's start: the weights
     tokens = sum(int((c["labels"][:, 1:] != -100).sum()) for c in chunks)
     print(json.dumps({"variant": args.child, "rss_peak": rss_peak, "alloc_peak": alloc_peak, "weights": weights,
                       "step_s": seconds, "loss": loss, "grad_norm": grad_norm, "labelled_tokens": tokens,
