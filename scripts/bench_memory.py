@@ -213,7 +213,8 @@ def main():
     print(f"V={args.vocab} hidden={args.hidden} layers={args.layers} {args.questions}x{args.perspectives} sequences "
           f"<= {args.len} tokens ({ref['labelled_tokens']} labelled, {ref['padded_tokens']} padded), "
           f"{args.rows} per chunk, hidden_ce chunk {args.chunk_tokens}; weights {ref['weights'] / mib:.0f} MiB; "
-          f"memory: median of {args.repeats}, time: fastest; loss {ref['loss']:.6f}, grad norm {ref['grad_norm']:.6f} in every variant")
+          f"memory: median of {args.repeats}, time: fastest; loss {ref['loss']:.6f}, grad norm {ref['grad_norm']:.6f} "
+          f"in every variant")
     print(f"{'variant':<9} {'peak RSS MiB':>13} {'ratio':>6} {'alloc peak MiB':>15} {'ratio':>6} {'step s':>7} "
           f"{'ratio':>6}")
     for v in VARIANTS:
