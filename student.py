@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from eval import Encoded, collate, load_tokenizer, resolve_model_name, user_message
-from losses import sequence_ce
+from losses import answer_logits_from_hidden, hidden_ce, sequence_ce
 from metanet import mean_pool
 
 PRECISIONS = ("auto", "fp32", "bf16-mixed")
@@ -289,9 +289,48 @@ def length_chunks(lengths: list[int], max_tokens: int) -> list[list[int]]:
     return chunks + [cur] if cur else chunks
 
 
+def split_head(model):
+    """(decoder, LM head) when the logits are exactly head(decoder(x).last_hidden_state), as in Qwen2, Llama and
+    Mistral; None for models whose head scales or caps the logits (Gemma2, Cohere, Granite), which keep the
+    full-logits path."""
+    cfg = model.config
+    if any(getattr(cfg, k, None) not in (None, 1, 1.0) for k in ("final_logit_softcapping", "logit_scale",
+                                                                 "logits_scaling")):
+        return None
+    head, decoder = model.get_output_embeddings(), model.get_decoder()
+    return (decoder, head) if isinstance(head, torch.nn.Linear) and decoder is not None else None
+
+
+def forward_chunk(model, batch: dict, precision: str, answers: bool, features: bool):
+    """One chunk's ℓ[n], answer-span logits [n,A',V] (fp32) or None, pooled features [n,H] or None. The loss comes
+    from the final hidden states in token chunks (losses.hidden_ce): no [tokens, V] logits of the chunk are kept
+    (the fp32 log-probabilities over a 152k vocabulary were most of the 1.5B plan's activations)."""
+    device = batch["input_ids"].device
+    parts = split_head(model)
+    with autocast(str(device), precision):
+        if parts is None:  # a head that is not a plain projection: the full logits (exact, but memory-hungry)
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        output_hidden_states=features, use_cache=False)
+            ce = sequence_ce(out.logits, batch["labels"])  # ℓ_k
+            pos = batch["answer_pos"]  # logits at answer_start-1+a predict answer token a
+            al = out.logits.gather(1, pos.unsqueeze(-1).expand(-1, -1, out.logits.size(-1))).float() if answers \
+                else None
+            hidden = out.hidden_states[-1] if features else None
+        else:
+            decoder, head = parts
+            hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             use_cache=False).last_hidden_state
+            ce = hidden_ce(hidden, head.weight, batch["labels"], head.bias)  # ℓ_k = mean_t −log p(x_t+1 | x_≤t)
+            al = answer_logits_from_hidden(hidden, head.weight, batch["answer_pos"], head.bias) if answers else None
+    pooled = mean_pool(hidden.float(), batch["completion_mask"]) if features else None
+    return ce, al, pooled
+
+
 def run_student(model, tokenizer, seqs: list[Encoded], compute: Compute, answers: bool = True,
-                features: bool = False) -> Run:
-    """Teacher-forced forward over `seqs` in length-sorted chunks; gradients flow if enabled by the caller."""
+                features: bool = False, on_chunk=None) -> Run:
+    """Teacher-forced forward over `seqs` in length-sorted chunks; gradients flow if enabled by the caller.
+    on_chunk(idx, ℓ[n], answer logits [n,A,V] or None): called with each chunk's live tensors (idx: the chunk's
+    positions in seqs), so the caller can run that chunk's backward at once; Run then holds detached values."""
     device = compute.device
     lengths = [len(s.input_ids) for s in seqs]
     A = max(s.answer_end - s.answer_start for s in seqs)
@@ -300,16 +339,12 @@ def run_student(model, tokenizer, seqs: list[Encoded], compute: Compute, answers
     for idx in length_chunks(lengths, compute.max_batch_tokens):
         batch = {k: v.to(device) for k, v in collate([seqs[i] for i in idx], tokenizer).items()}
         padded += batch["input_ids"].numel()
-        with autocast(device, compute.precision):
-            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                        output_hidden_states=features, use_cache=False)
-        ce = sequence_ce(out.logits, batch["labels"])  # ℓ_k
+        ce, al, pooled = forward_chunk(model, batch, compute.precision, answers, features)
         if answers:
-            pos = batch["answer_pos"]  # logits at answer_start-1+a predict answer token a
-            al = out.logits.gather(1, pos.unsqueeze(-1).expand(-1, -1, out.logits.size(-1))).float()
             al = torch.nn.functional.pad(al, (0, 0, 0, A - al.size(1)))
-        if features:
-            pooled = mean_pool(out.hidden_states[-1].float(), batch["completion_mask"])
+        if on_chunk is not None:  # the chunk's backward runs now: its graph is freed before the next chunk
+            on_chunk(idx, ce, al)
+            ce, al = ce.detach(), None if al is None else al.detach()
         for r, i in enumerate(idx):
             losses[i] = ce[r]
             if answers:

@@ -2,7 +2,7 @@
 Train a student with MIND (or a baseline / ablation of it) in one hand-written loop.
 
     python train.py                                   # the default demo: synthetic world, tiny student, CPU
-    python train.py --student Qwen2.5-1.5B --data data/gsm8k_mind.jsonl --out out/qwen15
+    python train.py --student Qwen2.5-1.5B --out out/qwen15      # the paper: shipped data, base-vs-trained table
 
 The file reads top to bottom as the paper's stages:
   config    the CLI (every default lives in build_parser) and the method table METHODS
@@ -36,7 +36,8 @@ from tqdm import tqdm
 import perspectives
 from eval import (DEFAULT_TASKS, GPQA_HELP, Encoded, HelpFormatter, encode_example, evaluate, evaluate_tasks,
                   read_questions, task_name, task_path, write_json, write_results)
-from losses import consistency_loss, mcc_kl, meta_loss, weighted_sft
+from losses import (consistency_loss, consistency_loss_partial, mcc_kl, mcc_kl_partial, meta_loss,
+                    weighted_sft)
 from metanet import MetaNet, encode_sentences
 from mind import InertiaCalibrator, Mind
 from student import (PRECISIONS, Compute, StudentSpec, atomic_torch_save, find_checkpoint, load_student,
@@ -187,6 +188,10 @@ def add_training_flags(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--max-batch-tokens", type=int, default=None,
                    help="padded tokens per forward; a step's sequences are sorted by length and cut into such chunks "
                         "(default: 8192 on a GPU; 2048 on a CPU, where smaller chunks pad less and run faster)")
+    g.add_argument("--backward-per-chunk", action="store_true",
+                   help="run the backward of each --max-batch-tokens chunk as soon as its forward is done, so only one "
+                        "chunk's activations live at a time (same gradients; the JS/MCC terms then cost one more "
+                        "forward of the selected rationales without a graph, for their partners' answer logits)")
     g.add_argument("--seed", type=int, default=0, help="seed of everything (data order, init, synthetic world)")
 
     g = ap.add_argument_group("evaluation and logging")
@@ -462,7 +467,7 @@ def warmup_metanet(metanet: MetaNet, features: torch.Tensor, l0: torch.Tensor, m
 
 @dataclass
 class Objective:
-    loss: torch.Tensor  # L = L_SFT + λ L_cons (+ w L_mcc), with gradients into the student
+    loss: torch.Tensor  # L = L_SFT + λ L_cons (+ w L_mcc), with gradients into the student (detached per chunk)
     seq_losses: torch.Tensor  # ℓ[B,K], detached; 0 where not run
     parts: dict  # float value of each term, for the log
     tokens: int
@@ -471,10 +476,15 @@ class Objective:
 
 def student_objective(model, tokenizer, seqs: list[list], selected: torch.Tensor, alpha: torch.Tensor,
                       unselected: torch.Tensor, compute: Compute, cons_weight: float = 0.0,
-                      mcc_weight: float = 0.0) -> Objective:
+                      mcc_weight: float = 0.0, backward_scale: float | None = None) -> Objective:
     """The student's loss for B questions: selected rationales run with gradients, the unselected ones (wanted only
     by the EMA) run under no_grad, so they can never leak a gradient into the student. seqs[b][k] is the Encoded
-    (question b, perspective k); cons_weight λ of the JS term, mcc_weight of MCC-KD's KL (0: the term is off)."""
+    (question b, perspective k); cons_weight λ of the JS term, mcc_weight of MCC-KD's KL (0: the term is off).
+    backward_scale: run backward(scale · L) chunk by chunk inside this call (the returned loss is then detached),
+    so only one chunk's activations live at a time; otherwise the caller runs one backward over all chunks."""
+    if backward_scale is not None:
+        return chunked_objective(model, tokenizer, seqs, selected, alpha, unselected, compute, cons_weight,
+                                 mcc_weight, backward_scale)
     B, _ = selected.shape
     sel = selected.nonzero(as_tuple=True)
     answers = cons_weight > 0 or mcc_weight > 0  # a term reads the answer spans
@@ -508,6 +518,60 @@ def student_objective(model, tokenizer, seqs: list[list], selected: torch.Tensor
     return Objective(loss, seq_losses.detach(), parts, tokens, padded)
 
 
+def chunked_objective(model, tokenizer, seqs: list[list], selected: torch.Tensor, alpha: torch.Tensor,
+                      unselected: torch.Tensor, compute: Compute, cons_weight: float, mcc_weight: float,
+                      scale: float) -> Objective:
+    """student_objective with the backward run per chunk (--backward-per-chunk; ours, an implementation choice with
+    the same gradient). The pairwise terms couple a question's rationales across chunks, but
+    ∂/∂x_i Σ_{i<j} w_ij D(x_i, x_j) = ∂/∂x_i Σ_{j≠i} w_ij D(x_i, sg x_j) for a symmetric D, so a no-grad pre-pass
+    gives every rationale's answer-span logits (the partners sg x_j), and each chunk backpropagates its own share."""
+    B, _ = selected.shape
+    sel = selected.nonzero(as_tuple=True)
+    sel_seqs = [seqs[b][k] for b, k in zip(*(t.tolist() for t in sel))]
+    answers = cons_weight > 0 or mcc_weight > 0
+    parts, partners = {}, None
+    if answers:  # the pre-pass: one more forward of the selected rationales, without a graph
+        with torch.no_grad():
+            pre = run_student(model, tokenizer, sel_seqs, compute, answers=True)
+        partners = torch.zeros(*selected.shape, *pre.answer_logits.shape[1:], device=alpha.device).index_put(
+            sel, pre.answer_logits)
+        span = torch.zeros(*selected.shape, pre.answer_mask.size(1), dtype=torch.bool,
+                           device=alpha.device).index_put(sel, pre.answer_mask)
+        del pre
+
+    pair_values = {"cons": 0.0, "mcc": 0.0}  # the chunks' shares of the pairwise terms add up to their values
+
+    def backward_chunk(idx: list[int], ce: torch.Tensor, al: torch.Tensor | None) -> None:
+        i = torch.tensor(idx, device=alpha.device)
+        rows = (sel[0][i], sel[1][i])
+        share = (alpha[rows] * ce).sum() / B  # these rows' terms of L_SFT = mean_b Σ_k α_k ℓ_k
+        if cons_weight > 0:
+            part = consistency_loss_partial(al, rows, partners, alpha, span)
+            share, pair_values["cons"] = share + cons_weight * part, pair_values["cons"] + part.item()
+        if mcc_weight > 0:
+            part = mcc_kl_partial(al, rows, partners, selected, span)
+            share, pair_values["mcc"] = share + mcc_weight * part, pair_values["mcc"] + part.item()
+        (scale * share).backward()
+
+    run = run_student(model, tokenizer, sel_seqs, compute, answers=answers, on_chunk=backward_chunk)
+    seq_losses = torch.zeros(selected.shape, device=alpha.device).index_put(sel, run.losses)
+    tokens, padded = run.tokens, run.padded
+    if unselected.any():
+        un = unselected.nonzero(as_tuple=True)
+        with torch.no_grad():
+            r = run_student(model, tokenizer, [seqs[b][k] for b, k in zip(*(t.tolist() for t in un))], compute,
+                            answers=False)
+        seq_losses = seq_losses.index_put(un, r.losses)
+        tokens, padded = tokens + r.tokens, padded + r.padded
+    loss = weighted_sft(seq_losses, alpha).item()  # the values, for the log: the gradients are already in .grad
+    parts["sft"] = loss
+    for name, weight in (("cons", cons_weight), ("mcc", mcc_weight)):
+        if weight > 0:
+            parts[name] = pair_values[name]
+            loss += weight * pair_values[name]
+    return Objective(torch.tensor(loss), seq_losses.detach(), parts, tokens, padded)
+
+
 @dataclass
 class Loop:
     """What the joint stage works with, built once by main()."""
@@ -533,6 +597,7 @@ class StepConfig:
     probe_every: int = 0  # run the unselected rationales for the EMA every N steps (0: never)
     meta_accum: int = 4  # the MetaNet steps once every N optimiser steps
     max_grad_norm: float = 1.0
+    backward_per_chunk: bool = False  # backward inside student_objective, one chunk at a time
 
 
 def sig(x: float) -> float:
@@ -565,9 +630,11 @@ def train_step(loop: Loop, cfg: StepConfig, step: int, micro_batches: list[list[
         unselected = mask & ~selected if probe_now else torch.zeros_like(mask)
         lap("plan")
         obj = student_objective(loop.model, loop.tokenizer, [loop.seqs[q] for q in qs], selected, alpha, unselected,
-                                loop.compute, cfg.cons_weight, cfg.mcc_weight)
+                                loop.compute, cfg.cons_weight, cfg.mcc_weight,
+                                backward_scale=1 / n if cfg.backward_per_chunk else None)
         lap("forward")
-        (obj.loss / n).backward()
+        if not cfg.backward_per_chunk:
+            (obj.loss / n).backward()
         lap("backward")
         loop.tokens, loop.padded = loop.tokens + obj.tokens, loop.padded + obj.padded
         seen.append((qs, obj.seq_losses, selected | unselected, scores, mask))
@@ -824,7 +891,8 @@ def main(argv=None):
     loop = Loop(model, tokenizer, opt, sched, seqs, qids, mask.to(args.device),
                 Mind(metanet, calibrator, args.select_beta, args.meta_tau, args.student_tau), features, meta_opt, compute)
     cfg = StepConfig(args.cons_weight if method.consistency else 0.0, args.mcc_weight if method.mcc else 0.0,
-                     args.probe_every if method.metanet else 0, args.meta_accum, args.max_grad_norm)
+                     args.probe_every if method.metanet else 0, args.meta_accum, args.max_grad_norm,
+                     args.backward_per_chunk)
     order, step, train_time = Order(len(train), args.seed), 0, 0.0
     if state:
         train_time, step = restore(loop, order, state, args.device), state["step"]

@@ -95,8 +95,10 @@ def measure(cfg, flags: list[str], seed: int = 0) -> dict:
     # B questions × P rationales of exactly --max-len tokens, the worst case the plan assumes
     B, Pq, T = a.batch_size, plan["perspectives"], a.max_len
     gen = torch.Generator().manual_seed(seed)
-    seqs = [[ev.Encoded(torch.randint(0, cfg.vocab_size, (T,), generator=gen).tolist(), prompt_len=min(16, T // 4),
-                        answer_start=T - 4, answer_end=T - 3) for _ in range(Pq)] + [None] * (P.K - Pq)
+    # (a one-token prompt, so every position but the first is labelled, and an answer span of the planned length)
+    A = plan_memory.PLAN_ANSWER_TOKENS
+    seqs = [[ev.Encoded(torch.randint(0, cfg.vocab_size, (T,), generator=gen).tolist(), prompt_len=1,
+                        answer_start=T - 1 - A, answer_end=T - 1) for _ in range(Pq)] + [None] * (P.K - Pq)
             for _ in range(B)]
     mask = torch.zeros(B, P.K, dtype=torch.bool)
     mask[:, :Pq] = True  # every rationale selected, uniform α: the plan's worst case
@@ -106,7 +108,8 @@ def measure(cfg, flags: list[str], seed: int = 0) -> dict:
                       student.Compute("cpu", a.max_batch_tokens, a.precision))
     method = train.METHODS[a.method]
     cfg_step = train.StepConfig(cons_weight=a.cons_weight if method.consistency else 0.0,
-                                mcc_weight=a.mcc_weight if method.mcc else 0.0, max_grad_norm=1.0)
+                                mcc_weight=a.mcc_weight if method.mcc else 0.0, max_grad_norm=1.0,
+                                backward_per_chunk=a.backward_per_chunk)
     step = lambda: train.train_step(loop, cfg_step, 0, [list(range(B))])  # the loop's real step
 
     step()  # creates AdamW's state

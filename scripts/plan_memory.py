@@ -16,6 +16,8 @@ from eval import resolve_model_name
 from perspectives import K
 from student import LoRALinear, apply_lora, resolve_precision
 
+PLAN_ANSWER_TOKENS = 8  # answer-span positions per rationale the plan assumes (a GSM8K number is 1–6 Qwen tokens)
+HIDDEN_CE_CHUNK = 1024  # losses.hidden_ce's default chunk_tokens
 SHIPPED_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
@@ -109,39 +111,73 @@ def memory_plan(cfg, a, model=None) -> dict:
 
     # activations kept from the forward until the backward, per token...
     layer = layer_activation_bytes(h, f, kv, nh, T, a.lora_r, full, amp, a.attn)
+    s = 4 if full or not amp else 2  # bytes of the final hidden states: the residual stream's dtype
     per_token = {
         "layers": L * ((4 if full or not amp else 2) * h if ckpt else layer),  # checkpointing: each layer's input
-        "final_norm_and_head": 4 * h + 4 + (4 * h + (c if amp else 4) * h if full else 0),
-        "log_softmax": 4 * V * (T - 1) / T,  # losses.sequence_ce: fp32 log-probabilities of the V-way softmax
+        "final_norm": 4 * h + 4 + (4 * h if full else 0),
+        # losses.hidden_ce keeps only the hidden rows of the labelled positions (+ their indices and nll), and
+        # recomputes each [chunk, V] block of logits in the backward: no V-sized term per token
+        "loss_rows": (s * h + 28) * (T - 1) / T,
         "attention_mask": T if a.attn != "flash_attention_2" else 0,  # [rows,1,T,T] bool, one per chunk
     }
-    # ...and per chunk: autocast's bf16 copies of fp32 weights, saved for the backward (a new copy every chunk)
+    # ...per sequence: the fp32 answer-span logits the JS term reads (two copies: run_student's and the [B,K,A,V]
+    # layout of student_objective) and the answer rows the checkpointed projection keeps...
+    A = PLAN_ANSWER_TOKENS
+    answers = a.method == "mcc" or (a.method == "mind" and a.cons_weight > 0)
+    per_seq = (8 * A * V + s * A * h) if answers else 0
+    # ...and per chunk: autocast's bf16 copies of fp32 weights, saved for the backward (a new copy every chunk); the
+    # head's own copy is not kept (its projections are checkpointed)
     per_chunk = 0
     if amp and full:
-        per_chunk = 2 * (head.numel() + (0 if ckpt else linear_layers))
+        per_chunk = 2 * (0 if ckpt else linear_layers)
     elif amp:
         per_chunk = 2 * (trainable if not ckpt else 0)  # bf16 copies of the LoRA A, B
     kept = {k: v * tokens for k, v in per_token.items()}
+    kept["answer_logits"] = per_seq * seqs
+    # the JS / MCC term over every pair of a question's rationales runs after the last chunk: measured (CPU profiler)
+    # at 26·V bytes kept per (pair, answer position) and a peak of 47·V in its forward or its backward
+    pairs = B * Pq * (Pq - 1) // 2
+    kept["pairwise_term"] = 26 * V * A * pairs if answers else 0
+    pairwise_peak = 47 * V * A * pairs if answers else 0
     kept["weight_casts"] = per_chunk * chunks
     activations = sum(kept.values())
-    last_chunk = sum(per_token.values()) * n + per_chunk
+    last_chunk = sum(per_token.values()) * n + per_seq * rows + per_chunk
 
-    # transients of the last chunk (sequence_ce on [rows, T, V] logits)
-    logits = c * V * n
-    fwd = logits * (2 if chunks > 1 else 1)  # the previous chunk's logits live until `out` is rebound
-    fwd += (4 * V * n if amp else 0) + 4 * V * n  # the fp32 upcast, cross_entropy's contiguous copy
+    # transients of the last chunk: one [k, V] block of hidden_ce's logits (the projection, its fp32 copy and the
+    # log-softmax; recomputed with its gradients in the backward), k ≤ HIDDEN_CE_CHUNK labelled tokens
+    k = min(HIDDEN_CE_CHUNK, n)
+    fwd = (c + 8) * V * k
     if amp and full and ckpt:  # the autocast weight cache lives through a chunk's forward
-        fwd = max(fwd, 2 * (linear_layers + head.numel()) + logits)
-    # backward starts with the answer-span gather's gradient (zeros of the logits' shape) and the gradients of the
-    # log-softmax's output and input (fp32), while the log-probabilities are still held
-    ce_backward = logits + 2 * 4 * V * n
+        fwd = max(fwd, 2 * (linear_layers + head.numel()) + (c + 8) * V * k)
+
+    # backward: a block's recomputed logits and their gradients, and the head weight's gradient for that block
+    # (fp32; under autocast also the bf16 weight recast and the bf16 gradient)
+    ce_backward = 12 * V * k + ((4 + (4 if amp else 0)) * V * h if full else (2 * V * h if amp else 0))
     recompute = (layer * n + (2 * linear_layers // L if amp and full else 0)) if ckpt else 0
     on_cuda = str(device).startswith("cuda")
     # AdamW's step: the foreach kernels (CUDA) hold one fp32 copy of all of sqrt(v); the per-tensor loop (CPU) one tensor
     opt_tmp = 4 * (trainable if on_cuda else max((p.numel() for p in params if p.requires_grad), default=0))
+    if getattr(a, "backward_per_chunk", False):
+        # one chunk's graph at a time (the gradients of the earlier chunks already accumulated), next to the
+        # pre-pass's detached answer logits of the whole step (4·A·V per sequence) and the chunk's pairwise share
+        partners = 4 * A * V * seqs if answers else 0
+        chunk_pairs = 22 * V * A * rows * (Pq - 1) if answers else 0
+        pairwise_peak = 47 * V * A * rows * (Pq - 1) if answers else 0  # the chunk's share, against its partners
+        kept = {k: v * n for k, v in per_token.items()}
+        kept.update({"answer_logits": partners + per_seq // 2 * rows, "pairwise_term": chunk_pairs,
+                     "weight_casts": per_chunk})
+        activations = sum(kept.values())
+        fwd = (c + 8) * V * k
+        if amp and full and ckpt:
+            fwd = max(fwd, 2 * (linear_layers + head.numel()) + (c + 8) * V * k)
+        grads_live = grads  # the worst case: the last chunk, after the others' backward
+    else:
+        grads_live = 0
+    # the pairwise term's tensors exist only from its own forward on: not during the chunks' cross-entropy
+    activations_before_pairs = activations - kept["pairwise_term"]
     phases = {
-        "forward end": weights + optimizer + activations + fwd,
-        "backward start": weights + optimizer + activations + ce_backward,
+        "forward end": weights + optimizer + grads_live + activations_before_pairs + max(fwd, pairwise_peak),
+        "backward start": weights + optimizer + grads_live + activations_before_pairs + max(ce_backward, pairwise_peak),
         "backward of the last chunk done": weights + optimizer + grads + activations - last_chunk + recompute,
         "optimizer step": weights + optimizer + grads + opt_tmp,
     }

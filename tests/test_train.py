@@ -422,3 +422,67 @@ def test_missing_perspectives_are_counted_and_masked(tmp_path, capsys):
     _, log, _ = run(tmp_path, "--data", str(data), "--eval-every", "0", "--select-beta", "0", steps=2)
     assert "questions by number of perspectives: 8: 7, 6: 5 (absent ones are masked)" in capsys.readouterr().out
     assert all(r["sel"] <= 8 for r in log)
+
+
+# ---- the loss from hidden states (issue 13)
+
+
+def test_run_student_from_hidden_states_equals_the_full_logits(tiny, synth, monkeypatch):
+    """ℓ, the answer-span logits, the features and every parameter's gradient through the memory-lean path
+    (losses.hidden_ce on the decoder's hidden states) equal the full-logits computation, fp32, several chunks."""
+    import student
+    model, tok = tiny
+    model.train()
+    assert student.split_head(model) is not None  # the lean path is the one taken
+    seqs = [ev.encode_example(tok, ex.question, ex.rationales[k], ex.answer) for ex in synth["train"][:3]
+            for k in P.KEYS]
+    compute = student.Compute("cpu", max_batch_tokens=400)
+
+    def run():
+        model.zero_grad()
+        r = student.run_student(model, tok, seqs, compute, answers=True, features=True)
+        loss = r.losses.sum() + 0.1 * r.answer_logits.logsumexp(-1).sum() + 0.01 * r.features.square().sum()
+        loss.backward()
+        return r, [p.grad.clone() for p in model.parameters()]
+
+    lean, g_lean = run()
+    monkeypatch.setattr(student, "split_head", lambda m: None)  # the full [tokens, V] logits
+    full, g_full = run()
+    for x, y in ((lean.losses, full.losses), (lean.answer_logits, full.answer_logits), (lean.features, full.features)):
+        assert (x - y).abs().max() <= 1e-5 * y.abs().max()
+    assert torch.equal(lean.answer_mask, full.answer_mask) and lean.padded == full.padded
+    for a, b in zip(g_lean, g_full):
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max().clamp(min=1e-12)
+
+
+@pytest.mark.parametrize("cons, mcc", [(0.5, 0.0), (0.0, 0.5), (0.0, 0.0)])
+def test_backward_per_chunk_gives_the_one_backward_gradient(tiny, synth, cons, mcc):
+    """--backward-per-chunk: each chunk backpropagates its share of L_SFT and of the pairwise term (against the
+    pre-pass's detached partners); the summed gradients, the loss and its parts equal one backward over the step."""
+    from student import Compute
+    model, tok = tiny
+    model.train()
+    seqs = [[ev.encode_example(tok, ex.question, ex.rationales[k], ex.answer) for k in P.KEYS]
+            for ex in synth["train"][:3]]
+    gen = torch.Generator().manual_seed(0)
+    selected = torch.rand(3, 8, generator=gen) < 0.6
+    selected[:, 0] = True
+    alpha = torch.where(selected, torch.rand(3, 8, generator=gen) + 0.1, 0.0)
+    alpha = alpha / alpha.sum(1, keepdim=True)
+    unselected = ~selected
+    compute = Compute("cpu", max_batch_tokens=300)  # several chunks, mixing questions
+
+    def grads(scale):
+        model.zero_grad()
+        obj = train.student_objective(model, tok, seqs, selected, alpha, unselected, compute, cons, mcc,
+                                      backward_scale=scale)
+        if scale is None:
+            obj.loss.backward()
+        return obj, [p.grad.clone() for p in model.parameters()]
+
+    one, g_one = grads(None)
+    per, g_per = grads(1.0)
+    assert not per.loss.requires_grad and per.loss.item() == pytest.approx(one.loss.item(), rel=1e-5)
+    assert per.parts == pytest.approx(one.parts, rel=1e-5) and torch.allclose(per.seq_losses, one.seq_losses)
+    for a, b in zip(g_per, g_one):
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max().clamp(min=1e-12)
