@@ -490,15 +490,7 @@ def student_objective(model, tokenizer, seqs: list[list], selected: torch.Tensor
     answers = cons_weight > 0 or mcc_weight > 0  # a term reads the answer spans
     run = run_student(model, tokenizer, [seqs[b][k] for b, k in zip(*(t.tolist() for t in sel))], compute,
                       answers=answers)
-    seq_losses = torch.zeros(selected.shape, device=alpha.device).index_put(sel, run.losses)
-    tokens, padded = run.tokens, run.padded
-    if unselected.any():
-        un = unselected.nonzero(as_tuple=True)
-        with torch.no_grad():
-            r = run_student(model, tokenizer, [seqs[b][k] for b, k in zip(*(t.tolist() for t in un))], compute,
-                            answers=False)
-        seq_losses = seq_losses.index_put(un, r.losses)
-        tokens, padded = tokens + r.tokens, padded + r.padded
+    seq_losses, tokens, padded = observe_unselected(model, tokenizer, seqs, sel, run, unselected, compute)
     loss = weighted_sft(seq_losses, alpha)  # L_SFT = Σ_{k∈I_q} α_k ℓ_k
     parts = {"sft": loss.item()}
     if answers:
@@ -516,6 +508,22 @@ def student_objective(model, tokenizer, seqs: list[list], selected: torch.Tensor
             loss = loss + mcc_weight * loss_mcc
             parts["mcc"] = loss_mcc.item()
     return Objective(loss, seq_losses.detach(), parts, tokens, padded)
+
+
+def observe_unselected(model, tokenizer, seqs: list[list], sel: tuple, run, unselected: torch.Tensor,
+                       compute: Compute) -> tuple[torch.Tensor, int, int]:
+    """ℓ[B,K] of the selected rationales (from `run`, with their gradients) and of the unselected ones, run now under
+    no_grad: the EMA wants them, the student must get no gradient from them. -> (ℓ, real tokens, padded tokens)"""
+    seq_losses = torch.zeros(unselected.shape, device=run.losses.device).index_put(sel, run.losses)
+    tokens, padded = run.tokens, run.padded
+    if unselected.any():
+        un = unselected.nonzero(as_tuple=True)
+        with torch.no_grad():
+            r = run_student(model, tokenizer, [seqs[b][k] for b, k in zip(*(t.tolist() for t in un))], compute,
+                            answers=False)
+        seq_losses = seq_losses.index_put(un, r.losses)
+        tokens, padded = tokens + r.tokens, padded + r.padded
+    return seq_losses, tokens, padded
 
 
 def chunked_objective(model, tokenizer, seqs: list[list], selected: torch.Tensor, alpha: torch.Tensor,
@@ -554,15 +562,7 @@ def chunked_objective(model, tokenizer, seqs: list[list], selected: torch.Tensor
         (scale * share).backward()
 
     run = run_student(model, tokenizer, sel_seqs, compute, answers=answers, on_chunk=backward_chunk)
-    seq_losses = torch.zeros(selected.shape, device=alpha.device).index_put(sel, run.losses)
-    tokens, padded = run.tokens, run.padded
-    if unselected.any():
-        un = unselected.nonzero(as_tuple=True)
-        with torch.no_grad():
-            r = run_student(model, tokenizer, [seqs[b][k] for b, k in zip(*(t.tolist() for t in un))], compute,
-                            answers=False)
-        seq_losses = seq_losses.index_put(un, r.losses)
-        tokens, padded = tokens + r.tokens, padded + r.padded
+    seq_losses, tokens, padded = observe_unselected(model, tokenizer, seqs, sel, run, unselected, compute)
     loss = weighted_sft(seq_losses, alpha).item()  # the values, for the log: the gradients are already in .grad
     parts["sft"] = loss
     for name, weight in (("cons", cons_weight), ("mcc", mcc_weight)):

@@ -23,14 +23,11 @@ with gradient, plus the MetaNet and the JS term); "mind β=1" keeps only the arg
 seven under no_grad for the EMA (the cost of the no-grad pass).
 """
 import argparse
-import contextlib
 import copy
-import json
 import os
 import random
 import statistics
 import sys
-import tempfile
 import time
 
 import torch
@@ -41,6 +38,7 @@ import perspectives as P  # noqa: E402
 import student  # noqa: E402
 import train  # noqa: E402
 from eval import encode_example, write_json  # noqa: E402
+from measure_memory import allocator_peak  # noqa: E402
 from metanet import MetaNet  # noqa: E402
 from mind import InertiaCalibrator, Mind  # noqa: E402
 
@@ -136,34 +134,6 @@ class Trainer:
             st = x.untyped_storage()
             seen[st.data_ptr()] = st.nbytes()
         return sum(seen.values())
-
-
-@contextlib.contextmanager
-def quiet_stderr():
-    """The profiler's C++ side logs start/stop lines to fd 2; keep them out of the printed table."""
-    sys.stderr.flush()
-    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(null, 2)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(null)
-
-
-def allocator_peak(fn) -> int:
-    """Highest running total of bytes allocated (minus freed) while fn runs, from the profiler's memory events
-    (counted from 0 when profiling starts, so it is what the step adds to what was already live)."""
-    from torch.profiler import ProfilerActivity, profile
-    with quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "trace.json")
-        prof.export_chrome_trace(path)
-        with open(path) as f:
-            events = json.load(f)["traceEvents"]
-    return max([0, *(e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]")])
 
 
 def padding_ratio(lengths_per_step: list[list[int]], max_tokens: int) -> float:
@@ -302,7 +272,6 @@ def main(argv=None):
         out.setdefault("memory", {})[name] = {"live_before": before, "step_peak": peak, "ratio": tot / ref_tot}
 
     m, w = out["steps"]["mind"]["ratio"], out["steps"]["mind β=0"]["ratio"]
-    best = min(out["padding"].items(), key=lambda kv: kv[1]["padding_ratio"])
     pad = padding_ratio(lsteps, mbt)
     one = padding_ratio(lsteps, 10 ** 9)
     print(f"\nsummary: step time mind / sft-all {m:.3f} (all 8 selected: {w:.3f}; target <= 1.15); padded / real "

@@ -24,7 +24,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 import torch
@@ -33,6 +32,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import losses as L  # noqa: E402
+from scripts.measure_memory import allocator_peak  # noqa: E402
 
 VARIANTS = ("full", "hidden", "chunked")
 PROMPT, ANSWER = 64, 4  # prompt tokens (label -100); answer-span tokens, followed by "." and end of turn
@@ -133,19 +133,6 @@ STEPS = {"full": step_full, "hidden": step_hidden, "chunked": step_chunked}
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def allocator_peak(fn) -> int:
-    """Highest running total of bytes allocated (minus freed) by fn, from the profiler's memory events."""
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "trace.json")
-        prof.export_chrome_trace(path)
-        with open(path) as f:
-            events = json.load(f)["traceEvents"]
-    return max([0, *(e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]")])
 
 
 def child(args):

@@ -12,6 +12,7 @@ plus the highest running total of the step's own allocations. It is printed next
 flags (after --), as JSON.
 """
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -45,17 +46,32 @@ def scaled_config(family: str, layers: int = 2, hidden: int = 256, heads: int = 
     return cfg
 
 
+@contextlib.contextmanager
+def quiet_stderr():
+    """The profiler's C++ side logs start/stop lines to fd 2; keep them out of printed tables."""
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
 def allocator_peak(fn) -> int:
-    """Highest running total of bytes allocated (minus freed) by fn, from the profiler's memory events."""
+    """Highest running total of bytes allocated (minus freed) while fn runs, from the profiler's memory events
+    (counted from 0 when profiling starts, so it is what fn adds to what was already live)."""
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "trace.json")
         prof.export_chrome_trace(path)
-        events = json.load(open(path))["traceEvents"]
-    totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"]
-    return max([0, *totals])
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    return max([0, *(e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]")])
 
 
 def live_bytes(tensors) -> int:

