@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from tqdm import tqdm
 
 from eval import (FINAL_PREFIX, HelpFormatter, extract_answer, generate, is_correct, load_model, read_rows,
-                  split_final_line, to_example, write_json)
+                  split_final_line, to_example, write_json, write_jsonl)
 
 # -----------------------------------------------------------------------------
 # The eight perspectives (names are the paper's; instructions are what the teacher is asked to do)
@@ -156,14 +156,10 @@ def read_training_jsonl(path: str, require_rationales: bool = True, warn=print) 
     return examples
 
 
-def write_jsonl(path: str, examples: list[Example]) -> None:
-    """Atomic write: a crash never leaves a half-written file under the final name."""
+def write_examples(path: str, examples: list[Example]) -> None:
+    """The examples as MIND-format JSONL, atomically (eval.write_jsonl)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for ex in examples:
-            f.write(json.dumps(ex.to_json(), ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    write_jsonl(path, [ex.to_json() for ex in examples])
 
 
 # -----------------------------------------------------------------------------
@@ -1176,7 +1172,7 @@ def main(argv=None):
         splits = synthetic_splits(args.n, args.n_test, args.seed)
         for name, exs in splits.items():
             path = os.path.join(args.out, f"{name}.jsonl")
-            write_jsonl(path, exs)
+            write_examples(path, exs)
             print(f"wrote {len(exs)} questions to {path}")
         return None
 

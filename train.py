@@ -84,7 +84,8 @@ def resolve_method(name: str, no_metanet: bool) -> Method:
 
 
 # -----------------------------------------------------------------------------
-# CLI: every default lives here
+# CLI: every default lives here. The paper gives no values for β, τ, τ_s, μ, λ or the MetaNet's optimisation; the
+# defaults marked "ours" in --help are this project's (README, Defaults).
 
 # flags a resumed run may change (--resume OUT --steps 2000 extends a run); every other flag is the saved one
 RESUME_FLAGS = {"resume", "steps", "eval_every", "eval_limit", "eval_batch_size", "max_new_tokens", "eval_tasks",
@@ -149,12 +150,12 @@ def add_method_flags(ap: argparse.ArgumentParser) -> None:
                    help="the perspective of --method sft (default: the first perspective present in the data)")
     g.add_argument("--no-metanet", action="store_true", help="ablation: uniform α over all present perspectives (I_q = K_q)")
     g.add_argument("--no-attention", action="store_true", help="ablation: the MetaNet's synergy layer becomes identity")
-    g.add_argument("--inertia", type=float, default=0.9, help="μ of the EMA over losses (0 = instantaneous loss ablation)")
-    g.add_argument("--select-beta", type=float, default=0.5, help="β of the soft threshold p_k ≥ β·max p (0 keeps all)")
-    g.add_argument("--cons-weight", type=float, default=0.1, help="λ of the JS consistency term (0 disables it)")
+    g.add_argument("--inertia", type=float, default=0.9, help="μ of the EMA over losses (0 = the paper's instantaneous-loss ablation); 0.9 is ours")
+    g.add_argument("--select-beta", type=float, default=0.5, help="β of the soft threshold p_k ≥ β·max p (0 keeps all); 0.5 is ours")
+    g.add_argument("--cons-weight", type=float, default=0.1, help="λ of the JS consistency term (0 disables it); 0.1 is ours")
     g.add_argument("--mcc-weight", type=float, default=0.1, help="weight of the bidirectional KL of --method mcc")
-    g.add_argument("--meta-tau", type=float, default=1.0, help="τ of π_τ in the meta loss")
-    g.add_argument("--student-tau", type=float, default=1.0, help="τ_s of the compatibility weights α")
+    g.add_argument("--meta-tau", type=float, default=1.0, help="τ of π_τ in the meta loss (ours)")
+    g.add_argument("--student-tau", type=float, default=1.0, help="τ_s of the compatibility weights α (ours)")
     g.add_argument("--probe-every", type=int, default=1,
                    help="run the unselected rationales (no grad, for the EMA) every N-th step only")
 
@@ -166,10 +167,10 @@ def add_method_flags(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--meta-attn-heads", type=int, default=4, help="attention heads of the synergy layer")
     g.add_argument("--meta-score-heads", type=int, default=4, help="M independent scoring heads, averaged")
     g.add_argument("--meta-dropout", type=float, default=0.1, help="dropout inside the MetaNet")
-    g.add_argument("--meta-warmup-epochs", type=int, default=3, help="epochs of MetaNet-only warm-up on π_τ(−ℓ⁰)")
-    g.add_argument("--meta-warmup-lr", type=float, default=1e-3, help="MetaNet learning rate during warm-up")
-    g.add_argument("--meta-lr", type=float, default=1e-4, help="MetaNet learning rate in the joint stage")
-    g.add_argument("--meta-accum", type=int, default=4, help="the MetaNet steps once every N student steps")
+    g.add_argument("--meta-warmup-epochs", type=int, default=3, help="epochs of MetaNet-only warm-up on π_τ(−ℓ⁰) (ours)")
+    g.add_argument("--meta-warmup-lr", type=float, default=1e-3, help="MetaNet learning rate during warm-up (ours)")
+    g.add_argument("--meta-lr", type=float, default=1e-4, help="MetaNet learning rate in the joint stage (ours: 10x below warm-up)")
+    g.add_argument("--meta-accum", type=int, default=4, help="the MetaNet steps once every N student steps (ours)")
     g.add_argument("--meta-batch-size", type=int, default=64, help="questions per MetaNet warm-up batch")
 
 

@@ -40,7 +40,8 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import perspectives as P  # noqa: E402  (the perspective keys; cheap, no model)
-import plots  # noqa: E402  (scripts/plots.py: matplotlib is imported only when a plot is drawn)
+import plots  # noqa: E402
+from eval import write_text  # noqa: E402  (atomic: temp file + rename)  (scripts/plots.py: matplotlib is imported only when a plot is drawn)
 
 TRAIN = os.path.join(REPO, "train.py")
 
@@ -186,13 +187,6 @@ def read_json(path: str):
         return None
 
 
-def atomic_write(path: str, text: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
-
-
 def launch(run: dict, a) -> subprocess.Popen:
     d = run["dir"]
     if status(run) == "resume":
@@ -200,7 +194,7 @@ def launch(run: dict, a) -> subprocess.Popen:
     else:
         shutil.rmtree(d, ignore_errors=True)  # a run killed before its first checkpoint starts over
         os.makedirs(d)
-        atomic_write(os.path.join(d, "cmd.json"), json.dumps({"argv": run["argv"]}, indent=1))
+        write_text(os.path.join(d, "cmd.json"), json.dumps({"argv": run["argv"]}, indent=1))
         cmd = [sys.executable, TRAIN, *run["argv"], "--out", d]
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "MKL_NUM_THREADS": str(a.threads),
            "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
@@ -520,8 +514,9 @@ def main(argv=None):
                                                    "tiny_hidden", "tiny_layers", "max_batch_tokens", "seeds",
                                                    "train_args")},
               "command": command, "runs": {n: {str(s): v for s, v in d.items()} for n, d in res.items()}, **agg}
-    atomic_write(os.path.join(a.out, "miniature.json"), json.dumps(report, indent=1))
-    atomic_write(os.path.join(a.out, "miniature.md"), markdown(agg, a, len(a.seeds), command))
+    os.makedirs(a.out, exist_ok=True)
+    write_text(os.path.join(a.out, "miniature.json"), json.dumps(report, indent=1))
+    write_text(os.path.join(a.out, "miniature.md"), markdown(agg, a, len(a.seeds), command))
     print(f"wrote {os.path.join(a.out, 'miniature.md')} and miniature.json ({len(ok)}/{len(runs)} runs in)")
     if not a.no_plots and res:
         seeds = {n: sorted(d) for n, d in res.items()}  # finished runs with the planned flags only
