@@ -750,29 +750,11 @@ def describe_run(args, model, seqs: list, mask: torch.Tensor) -> None:
     print(f"run: {len(seqs)} questions, {int(n.sum())} rationales ({n.mean():.1f} per question), {args.steps} steps "
           f"= {epochs:.2f} epochs, ~{per_step:,.0f} tokens per step (mean {sum(tokens) / len(tokens):.0f} per sequence, "
           f"--max-len {args.max_len})")
-    if args.student == "tiny":
-        return
-    from scripts.plan_memory import memory_plan
-    on_gpu = args.device.startswith("cuda")
-    gib = torch.cuda.get_device_properties(args.device).total_memory / 2 ** 30 if on_gpu else args.plan_gpu_gib
-    plan = lambda **kw: memory_plan(model.config, argparse.Namespace(**{**vars(args), "plan_gpu_gib": gib, **kw}))
-    p = plan()
-    where = f"this GPU's {gib:.0f} GiB" if on_gpu else f"a {gib:g} GiB GPU (--plan-gpu-gib)"
-    print(f"memory plan (every rationale --max-len long, scripts/plan_memory.py): peak {p['gib']['peak']} GiB at "
-          f"'{p['peak_at']}' on {where}: {'fits' if p['fits'] else 'does NOT fit'}")
-    if p["fits"]:
-        return
-    tries = [("--grad-checkpointing", {"grad_checkpointing": True})] if not args.grad_checkpointing else []
-    tries += [("--lora-r 16", {"lora_r": 16, "grad_checkpointing": True})] if not args.lora_r else []
-    tries += [(f"--batch-size {b}", {"batch_size": b, "grad_checkpointing": True}) for b in (2, 1)
-              if b < args.batch_size]
-    for label, kw in tries:
-        q = plan(**kw)
-        if q["fits"]:
-            extra = " --grad-checkpointing" if label != "--grad-checkpointing" and not args.grad_checkpointing else ""
-            print(f"warning: {label}{extra} brings the plan to {q['gib']['peak']} GiB, which fits")
-            return
-    print("warning: no single flag brings the plan under; see the README's memory section")
+    if args.student != "tiny":
+        from scripts.plan_memory import advise
+        gib = torch.cuda.get_device_properties(args.device).total_memory / 2 ** 30 \
+            if args.device.startswith("cuda") else None
+        print("\n".join(advise(model.config, args, gib)))
 
 
 def evaluate_base(model, tokenizer, tasks: list[str], args, resuming: bool) -> dict | None:

@@ -6,6 +6,7 @@ tokens, and keeps every chunk's graph until one backward (the JS term couples a 
 tensors autograd saves (what torch.cuda.max_memory_allocated sees), not the CUDA context or allocator slack.
 tests/test_scale.py and scripts/measure_memory.py check it against measured steps of scaled-down models on CPU.
 """
+import argparse
 import json
 import math
 import os
@@ -207,3 +208,26 @@ def dry_run(a) -> dict:
     print(json.dumps(plan, indent=2))
     return plan
 
+
+
+def advise(cfg, args, gpu_gib: float | None) -> list[str]:
+    """What train.py prints before the first step: the plan's peak against this GPU's memory (or --plan-gpu-gib),
+    and when it does not fit, the first of --grad-checkpointing, --lora-r 16, a smaller --batch-size that fits."""
+    gib = gpu_gib or args.plan_gpu_gib
+    plan = lambda **kw: memory_plan(cfg, argparse.Namespace(**{**vars(args), "plan_gpu_gib": gib, **kw}))
+    p = plan()
+    where = f"this GPU's {gib:.0f} GiB" if gpu_gib else f"a {gib:g} GiB GPU (--plan-gpu-gib)"
+    lines = [f"memory plan (every rationale --max-len long, scripts/plan_memory.py): peak {p['gib']['peak']} GiB at "
+             f"'{p['peak_at']}' on {where}: {'fits' if p['fits'] else 'does NOT fit'}"]
+    if p["fits"]:
+        return lines
+    tries = [("--grad-checkpointing", {"grad_checkpointing": True})] if not args.grad_checkpointing else []
+    tries += [("--lora-r 16", {"lora_r": 16, "grad_checkpointing": True})] if not args.lora_r else []
+    tries += [(f"--batch-size {b}", {"batch_size": b, "grad_checkpointing": True}) for b in (2, 1)
+              if b < args.batch_size]
+    for label, kw in tries:
+        q = plan(**kw)
+        if q["fits"]:
+            extra = " --grad-checkpointing" if label != "--grad-checkpointing" and not args.grad_checkpointing else ""
+            return lines + [f"warning: {label}{extra} brings the plan to {q['gib']['peak']} GiB, which fits"]
+    return lines + ["warning: no single flag brings the plan under; see the README's memory section"]

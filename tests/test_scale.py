@@ -368,3 +368,16 @@ def test_smollm2_headline_chain_writes_the_paper_table(tmp_path):
                           cwd=REPO, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.load(open(tmp_path / "ev" / "results.json"))["gsm8k"]["n"] == 2
+
+
+def test_advise_names_the_flag_that_brings_the_plan_under():
+    """What a user on a 40 GB card reads before the first step of the 1.5B run without checkpointing."""
+    from transformers import AutoConfig
+    cfg = AutoConfig.from_pretrained(os.path.join(REPO, "configs", "Qwen2.5-1.5B"))
+    a = plan_args("--device", "cuda", "--max-len", "1024", "--plan-gpu-gib", "40")
+    lines = plan_memory.advise(cfg, a, None)
+    assert "does NOT fit" in lines[0] and "a 40 GiB GPU" in lines[0]
+    assert lines[1].startswith("warning: --grad-checkpointing brings the plan to") and "which fits" in lines[1]
+    assert plan_memory.advise(cfg, a, 200.0)[0].endswith("this GPU's 200 GiB: fits")
+    tiny = plan_args("--device", "cuda", "--max-len", "1024", "--plan-gpu-gib", "1")
+    assert plan_memory.advise(cfg, tiny, None)[-1].startswith("warning: no single flag")
