@@ -556,7 +556,10 @@ def test_a_closed_pipe_costs_neither_the_stats_nor_the_exit_status(tmp_path):
             proc = subprocess.Popen([sys.executable, "perspectives.py", "--teacher", f"openai:{t.url}#fake-model",
                                      "--data", str(data), "--out", str(out), "--concurrency", "2"]
                                     + ([] if both else ["--no-progress"]), cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT if both else subprocess.PIPE)
+                                    stderr=subprocess.STDOUT if both else subprocess.PIPE,
+                                    # a shell without job control starts background jobs with SIGINT ignored, and
+                                    # the child would inherit that: restore the default, as a terminal has it
+                                    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
             deadline = time.time() + 30
             while time.time() < deadline and not (out.exists() and out.read_text().count("\n") >= 4):
                 time.sleep(0.01)
