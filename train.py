@@ -27,7 +27,7 @@ import random
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -685,6 +685,7 @@ class Order:
     seed: int
     epoch: int = 0
     pos: int = 0
+    _perm: tuple = field(default=(None, None), init=False, repr=False)  # (epoch, its permutation)
 
     def take(self, k: int) -> list[int]:
         out = []
@@ -696,10 +697,10 @@ class Order:
         return out
 
     def permutation(self) -> list[int]:
-        if getattr(self, "_cached", (None,))[0] != self.epoch:
+        if self._perm[0] != self.epoch:
             gen = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
-            self._cached = (self.epoch, torch.randperm(self.n, generator=gen).tolist())
-        return self._cached[1]
+            self._perm = (self.epoch, torch.randperm(self.n, generator=gen).tolist())
+        return self._perm[1]
 
 
 def trainer_state(loop: Loop, order: Order, step: int, args: dict, train_time: float) -> dict:
@@ -836,14 +837,14 @@ def main(argv=None):
         return dry_run(args)
     if args.data is None and args.student != "tiny":
         args.data = PAPER_DATA  # a pretrained student runs the paper's experiment by default
-    saved_args = {**vars(args), "resume": None}  # what trainer.pt keeps: device-dependent flags as given
+    device_flags = {k: getattr(args, k) for k in DEVICE_FLAGS}  # as given: resolved again on resume
     os.makedirs(args.out, exist_ok=True)
     train, evals = load_data(args.data, args.eval_id, args.eval_ood, args.synthetic_n, args.synthetic_n_test, args.seed)
     tasks = eval_tasks(args.eval_tasks, args.student, args.gpqa_csv)
     for t in tasks:  # a missing benchmark file fails now, not after hours of training
         task_path(t, args.eval_data_dir, args.gpqa_csv)
     resolve_defaults(args, len(train))
-    saved_args.update({k: v for k, v in vars(args).items() if k not in DEVICE_FLAGS and k != "resume"})
+    saved_args = {**vars(args), **device_flags, "resume": None}  # the flags trainer.pt keeps
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)

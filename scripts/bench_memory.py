@@ -162,16 +162,16 @@ def child(args):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--vocab", type=int, default=32000, help="vocabulary V (the LM head is what the loss projects onto)")
+    ap.add_argument("--hidden", type=int, default=256, help="width of the Qwen2 model")
+    ap.add_argument("--layers", type=int, default=2, help="layers of the Qwen2 model")
     ap.add_argument("--questions", type=int, default=2, help="B")
     ap.add_argument("--perspectives", type=int, default=4, help="K rationales per question")
     ap.add_argument("--len", type=int, default=512, help="longest sequence; the others are up to a quarter shorter")
     ap.add_argument("--rows", type=int, default=2, help="sequences per model chunk (train.py's --max-batch-tokens)")
     ap.add_argument("--chunk-tokens", type=int, default=1024, help="hidden_ce's projection chunk")
     ap.add_argument("--cons-weight", type=float, default=1.0, help="λ")
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=2, help="fresh subprocesses per variant, interleaved")
     ap.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:

@@ -158,7 +158,7 @@ def memory_plan(cfg, a, model=None) -> dict:
     on_cuda = str(device).startswith("cuda")
     # AdamW's step: the foreach kernels (CUDA) hold one fp32 copy of all of sqrt(v); the per-tensor loop (CPU) one tensor
     opt_tmp = 4 * (trainable if on_cuda else max((p.numel() for p in params if p.requires_grad), default=0))
-    if getattr(a, "backward_per_chunk", False):
+    if a.backward_per_chunk:
         # one chunk's graph at a time (the gradients of the earlier chunks already accumulated), next to the
         # pre-pass's detached answer logits of the whole step (4·A·V per sequence) and the chunk's pairwise share
         partners = 4 * A * V * seqs if answers else 0
