@@ -17,12 +17,12 @@ is --batch-size questions x their 8 rationales (32 sequences), in train.py's dat
   ours-bpc        the same with --backward-per-chunk (each chunk's graph freed before the next chunk runs)
   ours-mind       train.train_step, --method mind (MetaNet, JS term; at init it keeps all eight rationales)
   ours-mind-bpc   the same with --backward-per-chunk
-  trl             SFTTrainer as a user would set it on CPU: batch 32, no grad-accum, bf16=False,
-                  gradient_checkpointing=False (TRL's two defaults that a CPU run has to turn off)
-  trl-sorted-8x4  SFTTrainer tuned: each step's 32 sequences sorted by length, batch 8 x grad-accum 4
-  trl-sorted-4x8  sorted, batch 4 x grad-accum 8;  trl-sorted-16x2: sorted, batch 16 x grad-accum 2
+  trl             SFTTrainer as a user would set it on CPU: batch 32 (a step's sequences), no grad-accum,
+                  bf16=False, gradient_checkpointing=False (TRL's two defaults that a CPU run has to turn off)
+  trl-sorted-ga4  SFTTrainer tuned: each step's 32 sequences sorted by length, batch 8 x grad-accum 4
+  trl-sorted-ga2, trl-sorted-ga8: the same with batch 16 x grad-accum 2, batch 4 x grad-accum 8
   trl-padfree     SFTTrainer with padding_free=True, batch 32 (one flattened row of the step's tokens)
-  trl-padfree-8x4 padding_free, sorted, batch 8 x grad-accum 4
+  trl-padfree-ga4 padding_free, sorted, batch 8 x grad-accum 4
 
 TRL runs its own Trainer.train() (its data loader, collator, fused-LM-head loss, logging); a callback reads the clock
 at the end of each optimiser step. The systems are interleaved round by round: each round runs --steps steps of
@@ -71,13 +71,13 @@ from measure_memory import allocator_peak  # noqa: E402
 DEMO = os.path.join(REPO, "data", "demo_perspectives.jsonl")
 INSTALL_HINT = "bench_trl.py needs TRL, a benchmark-only dependency: pip install trl  (measured with trl 1.16.0)"
 
-# name -> what the system is; ours: (method, backward_per_chunk); TRL: (sorted, batch, grad-accum, padding_free)
+# name -> what the system is; ours: (method, backward_per_chunk); TRL: (sorted, grad-accum, padding_free), its
+# micro-batch being a step's sequences / grad-accum (ga4: 8 x 4 at the default 4 questions x 8 rationales)
 OURS = {"ours": ("sft-all", False), "ours-bpc": ("sft-all", True),
         "ours-mind": ("mind", False), "ours-mind-bpc": ("mind", True)}
-TRL = {"trl": (False, 32, 1, False), "trl-sorted-8x4": (True, 8, 4, False), "trl-sorted-4x8": (True, 4, 8, False),
-       "trl-sorted-16x2": (True, 16, 2, False), "trl-padfree": (False, 32, 1, True),
-       "trl-padfree-8x4": (True, 8, 4, True)}
-DEFAULT_SYSTEMS = "ours,ours-bpc,ours-mind,trl,trl-sorted-8x4,trl-padfree-8x4"
+TRL = {"trl": (False, 1, False), "trl-sorted-ga2": (True, 2, False), "trl-sorted-ga4": (True, 4, False),
+       "trl-sorted-ga8": (True, 8, False), "trl-padfree": (False, 1, True), "trl-padfree-ga4": (True, 4, True)}
+DEFAULT_SYSTEMS = "ours,ours-bpc,ours-mind,trl,trl-sorted-ga4,trl-padfree-ga4"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -234,7 +234,8 @@ def trl_trainer(name: str, model, tok, seqs, steps: list[list[int]], a, out_dir:
     from datasets import Dataset
     from transformers import PrinterCallback, TrainerCallback
     from trl import SFTConfig, SFTTrainer
-    sort, batch, accum, padding_free = TRL[name]
+    sort, accum, padding_free = TRL[name]
+    batch = len(trl_rows(seqs, steps[:1], sort)) // accum  # main() checks that accum divides a step
 
     class Clock(TrainerCallback):
         def __init__(self):
@@ -271,12 +272,12 @@ def trl_trainer(name: str, model, tok, seqs, steps: list[list[int]], a, out_dir:
 def run_trl(name: str, trainer, clock, seqs, steps: list[list[int]]) -> dict:
     """-> per-step seconds (between the ends of consecutive optimiser steps: data, forward, backward, clipping,
     AdamW, logging), real and padded tokens, and the first step's logged loss."""
-    sort, batch, _, padding_free = TRL[name]
+    sort, accum, padding_free = TRL[name]
     clock.marks, clock.losses = [], []
     trainer.train()
     lengths = [[len(s.input_ids) for s in step_sequences(seqs, qs, sort)] for qs in steps]
     return {"times": [b - e for b, e in zip(clock.marks[1:], clock.marks)], "tokens": [sum(ls) for ls in lengths],
-            "padded": sum(padded_tokens(ls, batch, padding_free) for ls in lengths), "sel": float(P.K),
+            "padded": sum(padded_tokens(ls, len(ls) // accum, padding_free) for ls in lengths), "sel": float(P.K),
             "first_loss": clock.losses[0]}
 
 
@@ -331,6 +332,12 @@ def main(argv=None):
     qids = [ex.id for ex in data]
     order = train.Order(len(data), a.seed)
     steps = [order.take(a.batch_size) for _ in range(max(a.steps, a.memory_steps))]  # train.py's data order
+    # TRL reads a fixed number of rows per step: every step must hold the same number of sequences (B x 8, which
+    # the grad-accums of TRL, 1 to 8, divide), or its steps would straddle ours
+    sizes = {len(step_sequences(seqs, qs, False)) for qs in steps}
+    if len(sizes) > 1:
+        raise SystemExit(f"error: --data {a.data}: steps of {sorted(sizes)} sequences (questions without all "
+                         f"{P.K} rationales); TRL's batches need steps of one size")
     features = None
     if any(OURS.get(s, ("",))[0] == "mind" for s in systems):
         # the MetaNet's features: train.py's probe pass (mean-pooled hidden states of the initial student)
