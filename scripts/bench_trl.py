@@ -31,9 +31,12 @@ The first step of a round is not timed (first calls, AdamW's state being created
 
   tokens/s     real tokens (prompt + completion, no padding) per second of the timed steps, median over rounds
   padded/real  tokens the model ran (padding included) over real tokens
-  peak         weights + the highest running total the first --memory-steps steps allocate on top of them
-               (AdamW state, gradients, activations), from the CPU allocator (torch.profiler, as
-               scripts/bench.py and scripts/measure_memory.py read it); measured once per system, untimed
+  RSS+         peak RSS increase of the first --memory-steps steps (AdamW state, gradients, activations,
+               the allocator's cache), each system in a fresh process of this script (--rss-of); untimed
+  alloc        weights + the highest running total those steps ask of the CPU allocator (torch.profiler, as
+               scripts/bench.py and scripts/measure_memory.py read it). It counts memory asked for and never
+               touched: TRL's fused LM head reserves a [4096, 32768] fp32 tile (512 MiB) whatever the
+               vocabulary, of which a 1024-token vocabulary touches 1/32, so RSS+ is the fairer figure here
   first-step loss, both definitions: ours optimises the mean over sequences of each sequence's mean token
                cross-entropy ("seq"); TRL the mean over all completion tokens of the step ("tok"). Each system's
                own loss is what it logged; the other definition is computed by hand (full logits, log-softmax,
