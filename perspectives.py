@@ -168,8 +168,9 @@ def write_examples(path: str, examples: list[Example]) -> None:
 # A problem is a person with a start count of objects and a few events that add or remove some.
 # Numbers are kept to one digit (every running total in 0-9, changes 1-6), so the arithmetic is a table
 # of ~70 facts that a ~1M-parameter student learns in minutes on a CPU; what remains hard is reading
-# the problem: copying the right numbers in the right order. The in-distribution split has 1-2 events; the
-# out-of-distribution split has 3 events and opening/question sentences that training never uses.
+# the problem: copying the right numbers in the right order. The in-distribution split has 1-2 events; so has the
+# out-of-distribution split, worded with opening and question sentences that training never uses (3-event problems,
+# the split of earlier versions, stayed at chance for every method within the budget: it said nothing).
 # The eight styles differ the way real ones do: formal/decomposition are short and predictable,
 # analogy and contrastive carry numbers that are not in the problem (an invented example, a wrong
 # candidate), which is harder for a small student to predict.
@@ -187,8 +188,8 @@ LOSSES = [("gives {n} to {friend}", "gives away {n}", "give away"), ("loses {n}"
           ("sells {n}", "sells {n}", "sell"), ("uses {n}", "uses {n}", "use")]
 OPENINGS_ID = ["{name} has {a} {obj}.", "At first {name} has {a} {obj}."]
 QUESTIONS_ID = ["How many {obj} does {pronoun} have now?", "How many {obj} does {name} have in the end?"]
-OPENINGS_OOD = ["{name} owns a box with {a} {obj} in it."]
-QUESTIONS_OOD = ["What is the number of {obj} {name} ends up with?"]
+OPENINGS_OOD = ["{name} owns a box with {a} {obj} in it.", "There are {a} {obj} in {name}'s bag."]
+QUESTIONS_OOD = ["What is the number of {obj} {name} ends up with?", "How many {obj} are left with {name}?"]
 
 
 @dataclass
@@ -315,13 +316,14 @@ def synthetic_rationales(p: Problem, rng: random.Random) -> dict[str, str]:
 
 
 def synthetic_examples(n: int, seed: int, split: str) -> list[Example]:
-    """`split` is train / test_id (1-2 events) or test_ood (3 events, unseen sentence templates)."""
-    offset = {"train": 0, "test_id": 1, "test_ood": 2}[split]
+    """`split` is train / test_id (1-2 events), test_ood (1-2 events, opening and question sentences that training
+    never uses: a change of wording, as SVAMP is to GSM8K) or pretrain (1 event: train.py's stage 0)."""
+    offset = {"train": 0, "test_id": 1, "test_ood": 2, "pretrain": 3}[split]
     rng = random.Random(f"mind-synthetic-{seed}-{offset}")  # each split its own stream
     ood = split == "test_ood"
     out, seen = [], set()
     while len(out) < n:
-        p = sample_problem(rng, steps=3 if ood else rng.choice([1, 2]))
+        p = sample_problem(rng, steps=1 if split == "pretrain" else rng.choice([1, 2]))
         q = problem_text(p, rng, ood)
         if q in seen:
             continue

@@ -39,12 +39,14 @@ from eval import (DEFAULT_TASKS, GPQA_HELP, Encoded, HelpFormatter, encode_examp
 from losses import (consistency_loss, consistency_loss_partial, mcc_kl, mcc_kl_partial, meta_loss,
                     weighted_sft)
 from metanet import MetaNet, encode_sentences
-from mind import InertiaCalibrator, Mind
+from mind import RULES, InertiaCalibrator, Mind
 from student import (PRECISIONS, Compute, StudentSpec, atomic_torch_save, find_checkpoint, load_student,
                      lr_lambda, make_optimizer, resolve_precision, rng_state, run_student, save_checkpoint,
                      set_rng_state, truncate_log)
 
 K = perspectives.K  # 8 perspectives
+# stage 0's perspectives: SmolLM2-135M-Instruct's four lowest initial losses on data/mind_gsm8k_train.jsonl (README)
+PRETRAIN_KEYS = ("formal_symbolic", "decomposition", "planning", "socratic")
 # the paper-sized training set a pretrained student trains on by default (data/mind_gsm8k_train.md)
 PAPER_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "mind_gsm8k_train.jsonl")
 
@@ -52,9 +54,10 @@ PAPER_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "m
 # -----------------------------------------------------------------------------
 # The method table: each --method resolves once to what it uses. A fork that adds a baseline adds one row.
 
-METANET_FLAGS = ("select_beta", "student_tau", "meta_tau", "probe_every", "ta_encoder", "meta_hidden",
-                 "meta_attn_heads", "meta_score_heads", "meta_dropout", "meta_warmup_epochs", "meta_warmup_lr",
-                 "meta_lr", "meta_accum", "meta_batch_size", "no_attention")
+METANET_FLAGS = ("select_beta", "select_tau", "select_beta_end", "min_selected", "trend_weight", "student_tau",
+                 "meta_tau", "probe_every", "ta_encoder", "meta_hidden", "meta_attn_heads", "meta_score_heads",
+                 "meta_dropout", "meta_warmup_epochs", "meta_warmup_lr", "meta_lr", "meta_accum", "meta_batch_size",
+                 "no_attention")
 
 
 @dataclass(frozen=True)
@@ -69,7 +72,7 @@ class Method:
 
 METHODS = {
     "mind": Method(metanet=True, probe=True, consistency=True, mcc=False, single=False,
-                   flags=METANET_FLAGS + ("inertia", "cons_weight", "no_metanet")),
+                   flags=METANET_FLAGS + ("inertia", "inertia_rule", "cons_weight", "no_metanet")),
     "sft": Method(metanet=False, probe=False, consistency=False, mcc=False, single=True, flags=("perspective",)),
     "sft-all": Method(metanet=False, probe=False, consistency=False, mcc=False, single=False, flags=()),
     "mcc": Method(metanet=False, probe=False, consistency=False, mcc=True, single=False, flags=("mcc_weight",)),
@@ -79,7 +82,7 @@ METHOD_FLAGS = {f for m in METHODS.values() for f in m.flags}
 
 def resolve_method(name: str, no_metanet: bool) -> Method:
     if no_metanet:  # ablation: uniform α over every present perspective; the probe still seeds c_k and L̃
-        return replace(METHODS[name], metanet=False, flags=("inertia", "cons_weight", "no_metanet"))
+        return replace(METHODS[name], metanet=False, flags=("inertia", "inertia_rule", "cons_weight", "no_metanet"))
     return METHODS[name]
 
 
@@ -127,6 +130,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA α: the update is (α/r)·B·A")
     g.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA branch's input")
 
+    g = ap.add_argument_group("stage 0: pre-training the tiny student (the synthetic world only; ours)")
+    g.add_argument("--pretrain-steps", type=int, default=None,
+                   help="steps of plain SFT before the probe, on 1-event problems of the world written in "
+                        "--pretrain-perspectives only, so the student starts as a real LLM does: able, and unevenly so "
+                        "across perspectives (default: 150 for the tiny student on the synthetic world; 0: off)")
+    g.add_argument("--pretrain-perspectives", default=",".join(PRETRAIN_KEYS),
+                   help="the perspectives of stage 0 (default: the four a real student, SmolLM2-135M-Instruct, finds "
+                        "easiest on the shipped GSM8K data; README)")
+    g.add_argument("--pretrain-lr", type=float, default=3e-3,
+                   help="peak learning rate of stage 0 (warm-up, then cosine to a tenth), whatever --lr is")
+    g.add_argument("--pretrain-cache", default=os.path.join(os.path.expanduser("~"), ".cache", "mind", "stage0"),
+                   help="where stage 0's students are kept, keyed by a hash of everything they depend on (a seed's "
+                        "stage 0 runs once for all its runs)")
+
     g = ap.add_argument_group("memory plan")
     g.add_argument("--dry-run", action="store_true",
                    help="build the student on the meta device (no weights) and print the memory plan as JSON "
@@ -151,10 +168,29 @@ def add_method_flags(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--no-metanet", action="store_true", help="ablation: uniform α over all present perspectives (I_q = K_q)")
     g.add_argument("--no-attention", action="store_true", help="ablation: the MetaNet's synergy layer becomes identity")
     g.add_argument("--inertia", type=float, default=0.9, help="μ of the EMA over losses (0 = the paper's instantaneous-loss ablation); 0.9 is ours")
-    g.add_argument("--select-beta", type=float, default=0.5, help="β of the soft threshold p_k ≥ β·max p (0 keeps all); 0.5 is ours")
+    g.add_argument("--inertia-rule", choices=RULES, default="offset",
+                   help="how L̃ filters a question's losses (ours; mind.py): offset L̃ = c_k + EMA_q(ℓ − c_k), debiased "
+                        "L̃ = EMA_q(ℓ) bias-corrected, seeded L̃ ← μ(L̃ or c_k) + (1−μ)ℓ (the rule of earlier versions)")
+    g.add_argument("--select-beta", type=float, default=0.5, help="β of the soft threshold p_k ≥ β·max p, p = π_τ(s) (0 keeps all); 0.5 is ours")
+    g.add_argument("--select-beta-end", type=float, default=0.01,
+                   help="a self-paced curriculum (ours): β falls geometrically from --select-beta to this value over the "
+                        "joint stage, so the threshold τ·ln(1/β) grows linearly (0.17 to 1.15 nats at the defaults): "
+                        "selective while the student is uneven, inclusive once it has caught up (give --select-beta's "
+                        "value to keep β fixed, as in the paper)")
+    g.add_argument("--trend-weight", type=float, default=0.0,
+                   help="γ: the MetaNet's target is π_τ(−(L̃ − (1−γ)·c_k)); 1 is the paper's π_τ(−L̃); 0 (ours) ranks a "
+                        "question's perspectives by how far each sits from its own trend c_k, so that no perspective wins "
+                        "everywhere and the rest are forgotten (README)")
+    g.add_argument("--min-selected", type=int, default=2,
+                   help="a floor on |I_q|: the N best-scored perspectives are always kept (ours: 2, so the JS term always "
+                        "has a pair; 1 is the paper's arg-max)")
     g.add_argument("--cons-weight", type=float, default=0.1, help="λ of the JS consistency term (0 disables it); 0.1 is ours")
     g.add_argument("--mcc-weight", type=float, default=0.1, help="weight of the bidirectional KL of --method mcc")
     g.add_argument("--meta-tau", type=float, default=1.0, help="τ of π_τ in the meta loss (ours)")
+    g.add_argument("--select-tau", type=float, default=0.25,
+                   help="τ of p = π_τ(s) in selection: k is dropped when its score trails the best by more than "
+                        "τ·ln(1/β) nats, 0.17 at the defaults (ours, from the measured spread of ℓ across a question's "
+                        "perspectives, README; the paper's p = π(s) is 1)")
     g.add_argument("--student-tau", type=float, default=1.0, help="τ_s of the compatibility weights α (ours)")
     g.add_argument("--probe-every", type=int, default=1,
                    help="run the unselected rationales (no grad, for the EMA) every N-th step only")
@@ -177,7 +213,7 @@ def add_method_flags(ap: argparse.ArgumentParser) -> None:
 def add_training_flags(ap: argparse.ArgumentParser) -> None:
     g = ap.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, default=None,
-                   help="optimiser steps (default: 650 for the tiny student, else 3 epochs of the data); with --resume, "
+                   help="optimiser steps (default: 480 for the tiny student, else 3 epochs of the data); with --resume, "
                         "the new total (the cosine schedule stretches to it)")
     g.add_argument("--batch-size", type=int, default=4, help="questions per micro-step (all their perspectives go together)")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimiser step")
@@ -245,11 +281,16 @@ def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace, given: set
         ap.error(f"--inertia {args.inertia}: must be in [0, 1)")
     if args.select_beta < 0:
         ap.error(f"--select-beta {args.select_beta}: must be >= 0")
+    if args.select_beta > 0 and not 0 < args.select_beta_end <= args.select_beta:
+        ap.error(f"--select-beta-end {args.select_beta_end}: must be in (0, --select-beta {args.select_beta}] (give "
+                 f"--select-beta's value for a fixed β)")
+    if not 1 <= args.min_selected <= K:
+        ap.error(f"--min-selected {args.min_selected}: must be in 1..{K}")
     for name in ("batch_size", "grad_accum", "meta_accum", "probe_every", "max_len", "max_batch_tokens",
                  "meta_batch_size", "steps", "eval_tasks_limit"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             ap.error(f"{flag(name)} {getattr(args, name)}: must be >= 1")
-    for name in ("meta_tau", "student_tau"):
+    for name in ("meta_tau", "student_tau", "select_tau"):
         if getattr(args, name) <= 0:
             ap.error(f"{flag(name)} must be > 0")
     if args.lora_r < 0:
@@ -290,6 +331,21 @@ def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace, given: set
         unused["gpqa_csv"] = "--eval-tasks without gpqa_diamond"
     if not args.eval_every:
         unused["eval_limit"] = "--eval-every 0"
+    if args.select_beta == 0:
+        unused["select_beta_end"] = "--select-beta 0 (nothing is dropped whatever β's schedule)"
+    world = "the synthetic world's tiny student"
+    if args.student != "tiny" or args.data:
+        unused.update({f: f"--student {args.student}" + (f" --data {args.data}" if args.data else "") +
+                       f" (stage 0 is for {world})" for f in ("pretrain_steps", "pretrain_perspectives",
+                                                                "pretrain_cache", "pretrain_lr")})
+    elif args.pretrain_steps == 0:
+        unused.update({f: "--pretrain-steps 0" for f in ("pretrain_perspectives", "pretrain_cache", "pretrain_lr")})
+    if args.pretrain_steps is not None and args.pretrain_steps < 0:
+        ap.error(f"--pretrain-steps {args.pretrain_steps}: must be >= 0")
+    bad_keys = [k for k in args.pretrain_perspectives.split(",") if k not in perspectives.KEYS]
+    if bad_keys or not args.pretrain_perspectives:
+        ap.error(f"--pretrain-perspectives {args.pretrain_perspectives}: unknown {bad_keys} (one or more of "
+                 f"{', '.join(perspectives.KEYS)})")
     bad = sorted(f for f in given & set(unused))
     if bad:
         ap.error("; ".join(f"{flag(f)} has no effect with {unused[f]}" for f in bad))
@@ -330,11 +386,13 @@ def resolve_defaults(args: argparse.Namespace, n_train: int) -> None:
     if args.lr is None:
         args.lr = 3e-3 if args.student == "tiny" else 1e-5
     if args.steps is None:
-        args.steps = 650 if args.student == "tiny" else math.ceil(3 * n_train / (args.batch_size * args.grad_accum))
+        args.steps = 480 if args.student == "tiny" else math.ceil(3 * n_train / (args.batch_size * args.grad_accum))
     if args.warmup_steps is None:
         args.warmup_steps = max(1, args.steps // 20)
     if args.max_batch_tokens is None:
         args.max_batch_tokens = 8192 if args.device.startswith("cuda") else 2048
+    if args.pretrain_steps is None:
+        args.pretrain_steps = 150 if args.student == "tiny" and not args.data else 0
     args.precision = resolve_precision(args.precision, args.device)
 
 
@@ -406,6 +464,62 @@ def encode_all(tokenizer, train: list, mask: torch.Tensor, max_len: int, data: s
 
 
 # -----------------------------------------------------------------------------
+# Stage 0 (the synthetic world only, ours): a pre-trained tiny student
+
+
+def stage_0(model, tokenizer, corpus: list, keys: list[str], steps: int, batch_size: int, lr: float, max_len: int,
+            compute: Compute, seed: int, cache: str, progress: bool) -> None:
+    """Plain SFT of the freshly built tiny student on `corpus` written in `keys` only, in place. A student from
+    random weights has ℓ⁰ ≈ ln V for every perspective alike, so the probe would measure nothing; a real LLM starts
+    able and uneven. Cached under `cache` by a hash of all it depends on (the initial weights, the tokenizer, the
+    corpus, the schedule): the result is the same whether it ran now or was loaded. Uses no global RNG."""
+    import hashlib
+    rest = [k for k in perspectives.KEYS if k not in keys]
+    # every question in `keys`, plus one of the other perspectives in turn: those are seen 4x less (with 4 + 4), so
+    # they start harder but not foreign, as narrative styles are for a real LLM (a gap of ~1 nat, not ln V)
+    rows = [[*keys, rest[i % len(rest)]] if rest else list(keys) for i in range(len(corpus))]
+    seqs = [[encode_example(tokenizer, ex.question, ex.rationales[k], ex.answer, max_len=max_len) for k in row]
+            for ex, row in zip(corpus, rows)]
+    digest = hashlib.sha256()
+    for t in model.state_dict().values():
+        digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+    digest.update(json.dumps([[s.input_ids, s.prompt_len] for row in seqs for s in row]).encode())
+    digest.update(json.dumps([len(tokenizer), steps, batch_size, lr, seed]).encode())
+    path = os.path.join(cache, f"stage0-{digest.hexdigest()[:16]}.pt")
+    if os.path.exists(path):
+        model.load_state_dict(torch.load(path, map_location=compute.device))
+        print(f"stage 0: loaded {path}")
+        return
+    t0 = time.time()
+    opt = make_optimizer(model, lr, 0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_lambda(i, max(1, steps // 20), steps, 0.1))
+    order = torch.randperm(len(corpus), generator=torch.Generator().manual_seed(seed)).tolist()
+    per_step = batch_size * len(rows[0])
+    bar = tqdm(range(steps), desc="stage 0", disable=not progress)
+    for i in bar:
+        idx = [order[(i * batch_size + j) % len(corpus)] for j in range(batch_size)]
+        batch = [s for q in idx for s in seqs[q]]
+        loss = run_student(model, tokenizer, batch, compute, answers=False).losses.mean()  # uniform, like sft-all
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    os.makedirs(cache, exist_ok=True)
+    atomic_torch_save(model.state_dict(), path)
+    print(f"stage 0: {steps} steps of {per_step} rationales ({', '.join(keys)}; the others one per question in "
+          f"turn) in {time.time() - t0:.1f}s -> {path}")
+
+
+def pretrain_corpus(n: int, seed: int, exclude: list[dict]) -> list:
+    """n one-event problems of the synthetic world from their own stream, none of them a test question."""
+    banned = {e["question"] for e in exclude}
+    return [ex for ex in perspectives.synthetic_examples(n + len(banned), seed, "pretrain")
+            if ex.question not in banned][:n]
+
+
+# -----------------------------------------------------------------------------
 # Stage 1: probe. Stage 2: MetaNet warm-up.
 
 
@@ -442,7 +556,8 @@ def sentence_features(encoder: str, train: list, mask: torch.Tensor, device: str
 
 def warmup_metanet(metanet: MetaNet, features: torch.Tensor, l0: torch.Tensor, mask: torch.Tensor, epochs: int,
                    lr: float, batch_size: int, tau: float, seed: int) -> torch.optim.Optimizer:
-    """Stage 2: the MetaNet alone on the targets π_τ(−ℓ⁰), so the joint stage starts from informed scores.
+    """Stage 2: the MetaNet alone on the targets π_τ(−ℓ⁰) (l0: ℓ⁰ as Mind.target sees it, minus (1−γ)·c⁰), so the
+    joint stage starts from informed scores.
     -> its optimiser, gradients cleared: nothing of the warm-up may leak into the first joint-stage update."""
     opt = torch.optim.AdamW(metanet.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
@@ -457,7 +572,7 @@ def warmup_metanet(metanet: MetaNet, features: torch.Tensor, l0: torch.Tensor, m
             loss.backward()
             opt.step()
             total += loss.item() * len(idx)
-        print(f"meta warm-up epoch {epoch + 1}/{epochs}: KL(π(s) ‖ π(−ℓ⁰)) = {total / len(l0):.4f}")
+        print(f"meta warm-up epoch {epoch + 1}/{epochs}: KL(π_τ(s) ‖ π_τ(−target)) = {total / len(l0):.4f}")
     opt.zero_grad(set_to_none=True)
     return opt
 
@@ -599,6 +714,13 @@ class StepConfig:
     meta_accum: int = 4  # the MetaNet steps once every N optimiser steps
     max_grad_norm: float = 1.0
     backward_per_chunk: bool = False  # backward inside student_objective, one chunk at a time
+    beta: tuple[float, float, int] | None = None  # (β at step 0, β at the last step, steps): the curriculum; None: fixed
+
+
+def scheduled_beta(step: int, beta: tuple[float, float, int]) -> float:
+    """β_t = β_0 (β_T / β_0)^(t / (T−1)): the selection threshold τ·ln(1/β_t) in nats grows linearly (ours)."""
+    b0, b1, total = beta
+    return b0 * (b1 / b0) ** (step / max(1, total - 1))
 
 
 def sig(x: float) -> float:
@@ -622,11 +744,12 @@ def train_step(loop: Loop, cfg: StepConfig, step: int, micro_batches: list[list[
     n = len(micro_batches)
     stats = dict.fromkeys(("loss", "sft", "cons", "mcc", "meta", "sel", "alpha_entropy"), 0.0)
     seen = []  # (questions, ℓ, observed, scores, mask) of each micro-step: the EMA and the meta loss see them all
-    alpha_sum, alpha_n = torch.zeros(K), torch.zeros(K)
+    alpha_sum, alpha_n, sel_sum = torch.zeros(K), torch.zeros(K), torch.zeros(K)
+    beta = None if cfg.beta is None else scheduled_beta(step, cfg.beta)
     for qs in micro_batches:
         mask = loop.mask[qs]
         # who is trained on, with what weight: I_q = {k : p_k ≥ β max p}, α = π_τs(s) on I_q (uniform, no MetaNet)
-        scores, selected, alpha = loop.mind.plan(None if loop.features is None else loop.features[qs], mask)
+        scores, selected, alpha = loop.mind.plan(None if loop.features is None else loop.features[qs], mask, beta)
         probe_now = cfg.probe_every and step % cfg.probe_every == 0
         unselected = mask & ~selected if probe_now else torch.zeros_like(mask)
         lap("plan")
@@ -645,6 +768,7 @@ def train_step(loop: Loop, cfg: StepConfig, step: int, micro_batches: list[list[
         stats["sel"] += selected.sum(1).float().mean().item() / n  # mean |I_q|
         stats["alpha_entropy"] += -(alpha * alpha.clamp(min=1e-12).log()).sum(1).mean().item() / n
         alpha_sum += alpha.detach().cpu().sum(0)
+        sel_sum += selected.cpu().sum(0)
         alpha_n += mask.cpu().sum(0)
     # once per optimiser step: the EMA (c_k, L̃) sees what was observed, then the MetaNet chases π_τ(−L̃)
     qs = [q for s in seen for q in s[0]]
@@ -670,8 +794,9 @@ def train_step(loop: Loop, cfg: StepConfig, step: int, micro_batches: list[list[
     return {"step": step + 1, "lr": loop.sched.get_last_lr()[0], **{k: sig(v) for k, v in stats.items()},
             "grad_norm": sig(grad_norm), "c": [sig(x) for x in loop.mind.calibrator.c.tolist()],
             "alpha": [sig(x) for x in (alpha_sum / alpha_n.clamp(min=1)).tolist()],
+            "sel_k": [sig(x) for x in (sel_sum / alpha_n.clamp(min=1)).tolist()],  # how often k ∈ I_q
             "loss_k": [sig(s / c) if c else None for s, c in zip(ell.tolist(), ell_n.tolist())],
-            "tokens": loop.tokens}
+            "tokens": loop.tokens, **({} if beta is None else {"beta": sig(beta)})}
 
 
 # -----------------------------------------------------------------------------
@@ -778,8 +903,8 @@ def evaluate_base(model, tokenizer, tasks: list[str], args, resuming: bool) -> d
     return results
 
 
-def stages_1_and_2(model, tokenizer, train: list, seqs: list, mask: torch.Tensor, calibrator: InertiaCalibrator,
-                   compute: Compute, method: Method, args, resuming: bool):
+def stages_1_and_2(model, tokenizer, train: list, seqs: list, mask: torch.Tensor, mind: Mind, compute: Compute,
+                   method: Method, args, resuming: bool):
     """Stage 1, the probe (ℓ⁰ seeds the calibrator; the MetaNet's features), cached in OUT/probe.pt; stage 2, the
     MetaNet's warm-up. -> (features on the device or None, MetaNet or None, its joint-stage optimiser or None)"""
     features = l0 = None
@@ -794,13 +919,13 @@ def stages_1_and_2(model, tokenizer, train: list, seqs: list, mask: torch.Tensor
         if method.metanet and args.ta_encoder != "student":
             features = sentence_features(args.ta_encoder, train, mask, args.device, not args.no_progress)
         atomic_torch_save({"features": features, "l0": l0, "ids": [ex.id for ex in train]}, probe_path)
-        calibrator.update([ex.id for ex in train], l0, mask)  # the probe is the first observation of every (q, k)
+        mind.calibrator.update([ex.id for ex in train], l0, mask)  # the probe: the first observation of every (q, k)
     if not method.metanet:
         return None, None, None
     metanet = MetaNet(features.size(-1), K, args.meta_hidden, args.meta_attn_heads, args.meta_score_heads,
                       attention=not args.no_attention, dropout=args.meta_dropout).to(args.device)
     features = features.to(args.device)
-    meta_opt = warmup_metanet(metanet, features, l0, mask, 0 if resuming else args.meta_warmup_epochs,
+    meta_opt = warmup_metanet(metanet, features, mind.target(l0), mask, 0 if resuming else args.meta_warmup_epochs,
                               args.meta_warmup_lr, args.meta_batch_size, args.meta_tau, args.seed)
     if not resuming:  # the MetaNet as the joint stage starts, to compare its scores at the start and the end
         atomic_torch_save(metanet.state_dict(), os.path.join(args.out, "metanet_start.pt"))
@@ -828,7 +953,8 @@ def final_evaluation(model, tokenizer, tasks: list[str], args, evaluate_now, bas
     return results
 
 
-def main(argv=None):
+def main(argv=None, on_step=None):
+    """on_step(loop, step): called after every optimiser step (scripts/track_loss.py measures the EMA with it)."""
     ap = build_parser()
     argv = sys.argv[1:] if argv is None else argv
     args, state = parse(ap, argv)
@@ -853,6 +979,11 @@ def main(argv=None):
     spec = StudentSpec(**{f: getattr(args, f) for f in StudentSpec.__dataclass_fields__ if f != "name"},
                        name=args.student)
     model, tokenizer = load_student(spec, train, args.device, resume_ckpt=state and state["dir"])
+    if args.pretrain_steps and state is None:  # stage 0 (the synthetic world only): able, unevenly, before the probe
+        corpus = pretrain_corpus(args.pretrain_steps * args.batch_size, args.seed, evals["id"] + evals["ood"])
+        stage_0(model, tokenizer, corpus, args.pretrain_perspectives.split(","), args.pretrain_steps,
+                args.batch_size, args.pretrain_lr, args.max_len, Compute(args.device, args.max_batch_tokens, args.precision),
+                args.seed, args.pretrain_cache, not args.no_progress)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"student: {args.student} ({n_params / 1e6:.2f}M parameters), {len(train)} training questions, "
           f"method {args.method}, device {args.device}")
@@ -864,25 +995,29 @@ def main(argv=None):
     describe_run(args, model, seqs, mask)
     base = evaluate_base(model, tokenizer, tasks, args, resuming=state is not None) if tasks else None
     qids = [ex.id for ex in train]
-    calibrator = InertiaCalibrator(K, args.inertia)
+    calibrator = InertiaCalibrator(K, args.inertia, args.inertia_rule)
 
-    features, metanet, meta_opt = stages_1_and_2(model, tokenizer, train, seqs, mask, calibrator, compute, method,
-                                                 args, resuming=state is not None)
+    mind = Mind(None, calibrator, args.select_beta, args.meta_tau, args.student_tau, args.min_selected,
+                args.trend_weight, args.select_tau)
+    features, mind.metanet, meta_opt = stages_1_and_2(model, tokenizer, train, seqs, mask, mind, compute, method, args,
+                                                      resuming=state is not None)
 
     # ---- stage 3: joint training
     opt = make_optimizer(model, args.lr, args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, args.warmup_steps, args.steps, args.min_lr_ratio))
     loop = Loop(model, tokenizer, opt, sched, seqs, qids, mask.to(args.device),
-                Mind(metanet, calibrator, args.select_beta, args.meta_tau, args.student_tau), features, meta_opt, compute)
+                mind, features, meta_opt, compute)
     cfg = StepConfig(args.cons_weight if method.consistency else 0.0, args.mcc_weight if method.mcc else 0.0,
                      args.probe_every if method.metanet else 0, args.meta_accum, args.max_grad_norm,
-                     args.backward_per_chunk)
+                     args.backward_per_chunk,
+                     (args.select_beta, args.select_beta_end, args.steps)
+                     if method.metanet and 0 < args.select_beta_end < args.select_beta else None)
     order, step, train_time = Order(len(train), args.seed), 0, 0.0
     if state:
         train_time, step = restore(loop, order, state, args.device), state["step"]
     evaluate_now = lambda splits, limit: run_eval(model, tokenizer, evals, splits, limit, args.max_new_tokens,
                                                   args.eval_batch_size, not args.no_progress)
-    train_time = joint_stage(loop, cfg, order, step, train_time, args, saved_args, evaluate_now)
+    train_time = joint_stage(loop, cfg, order, step, train_time, args, saved_args, evaluate_now, on_step)
 
     # ---- final evaluation
     results = final_evaluation(model, tokenizer, tasks, args, evaluate_now, base)
@@ -892,11 +1027,14 @@ def main(argv=None):
                "perspectives": perspectives.KEYS}
     write_json(os.path.join(args.out, "metrics.json"), metrics)
     print(f"wrote {os.path.join(args.out, 'metrics.json')}")
+    if method.metanet:  # what the Teaching Assistant did: selection, α and c_k over training
+        from scripts.plots import plot_run, read_log
+        print(f"wrote {plot_run(read_log(os.path.join(args.out, 'log.jsonl')), os.path.join(args.out, 'mind.png'))}")
     return metrics
 
 
 def joint_stage(loop: Loop, cfg: StepConfig, order: Order, step: int, train_time: float, args, saved_args: dict,
-                evaluate_now) -> float:
+                evaluate_now, on_step=None) -> float:
     """Stage 3 from `step` to --steps: train_step, the log line, periodic evaluation and checkpoints. -> train time."""
     log_path = os.path.join(args.out, "log.jsonl")
     if step:
@@ -910,6 +1048,8 @@ def joint_stage(loop: Loop, cfg: StepConfig, order: Order, step: int, train_time
             row = train_step(loop, cfg, step, [order.take(args.batch_size) for _ in range(args.grad_accum)])
             step += 1
             train_time += time.time() - t0
+            if on_step is not None:
+                on_step(loop, step)
             if args.eval_every and step % args.eval_every == 0 and step < args.steps:
                 row["eval"] = {k: v["accuracy"] for k, v in evaluate_now(["id"], args.eval_limit).items()}
                 bar.write(f"step {step}: eval {row['eval']}")

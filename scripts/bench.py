@@ -99,8 +99,9 @@ class Trainer:
             self.metanet = MetaNet(features.size(-1), P.K, targs.meta_hidden, targs.meta_attn_heads,
                                    targs.meta_score_heads, dropout=targs.meta_dropout)
             meta_opt = torch.optim.AdamW(self.metanet.parameters(), lr=targs.meta_lr)
-        mind = Mind(self.metanet, InertiaCalibrator(P.K, targs.inertia),
-                    targs.select_beta if beta is None else beta, targs.meta_tau, targs.student_tau)
+        mind = Mind(self.metanet, InertiaCalibrator(P.K, targs.inertia, targs.inertia_rule),
+                    targs.select_beta if beta is None else beta, targs.meta_tau, targs.student_tau, targs.min_selected,
+                    targs.trend_weight, targs.select_tau)
         self.loop = train.Loop(model, tokenizer, opt, sched, seqs, qids, mask_all, mind,
                                features if m.metanet else None, meta_opt,
                                student.Compute("cpu", targs.max_batch_tokens, targs.precision))

@@ -108,6 +108,39 @@ def plot_selection(runs: dict[str, list[list[dict]]], path: str, window: int = 2
     return path
 
 
+def plot_run(rows: list[dict], path: str, window: int = 10) -> str:
+    """One MIND run from its log rows: how often each perspective is selected (and mean |I_q|), its mean α, and
+    its loss trend c_k, over training. train.py draws it into OUT/mind.png."""
+    pyplot = plt()
+    steps = np.array([r["step"] for r in rows])
+    fig, axes = pyplot.subplots(1, 3, figsize=(15, 4))
+    for key, ax in zip(("sel_k", "alpha", "c"), axes):
+        v = np.array([r[key] for r in rows], dtype=float)  # [T, K]
+        for k, name in enumerate(P.KEYS):
+            y = v[:, k] if key == "c" else smooth(v[:, k], window)
+            ax.plot(steps, y, color=COLORS[k], label=name, lw=1.4)
+        ax.set_xlabel("optimiser step")
+        ax.grid(alpha=0.3)
+    sel = axes[0].twinx()
+    sel.plot(steps, smooth(np.array([r["sel"] for r in rows]), window), color="k", ls="--", lw=1.2)
+    sel.set_ylabel("mean |I_q| (dashed)")
+    sel.set_ylim(0, P.K + 0.2)
+    axes[0].set_ylim(-0.02, 1.02)
+    axes[0].set_ylabel("fraction of questions with k ∈ I_q")
+    axes[0].set_title(f"selection (running mean over {window} steps)", fontsize=10)
+    axes[1].axhline(1 / P.K, color="k", ls=":", lw=1)
+    axes[1].set_ylabel("mean α_k (0 when not selected; dotted: 1/8)")
+    axes[1].set_title("compatibility weights", fontsize=10)
+    axes[2].set_yscale("log")
+    axes[2].set_ylabel("c_k (nats, log scale)")
+    axes[2].set_title("per-perspective loss trend", fontsize=10)
+    axes[2].legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    pyplot.close(fig)
+    return path
+
+
 def metanet_probs(run_dir: str) -> dict:
     """p = π(s) per training question and perspective at the start and the end of the joint stage, and the meta
     target π(−L̃) at the end. -> {name: array [Q, K]} (NaN where a perspective is absent), 'start_source'."""

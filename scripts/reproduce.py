@@ -1,21 +1,23 @@
 """
 The paper's claims in miniature: MIND against its baselines and its ablations on the synthetic world.
 
-    python scripts/reproduce.py                 # every run (17 configurations x 3 seeds), then the table and the plots
+    python scripts/reproduce.py                 # every run (10 configurations x 5 seeds + 8 selection runs), the table, the plots
     python scripts/reproduce.py --dry-list      # the planned runs and a time estimate; nothing is run
     python scripts/reproduce.py --aggregate-only  # rebuild results/miniature.{md,json} and the plots from finished runs
 
 Every configuration is a flag set of train.py, trained for the same number of optimiser steps with the same
-questions per step, on the synthetic world (in-distribution: 1-2 events; out-of-distribution: 3 events and unseen
-sentence templates), then evaluated by greedy generation on both test splits:
+questions per step, on the synthetic world (in-distribution: 1-2 events; out-of-distribution: 1-2 events worded with
+opening and question sentences training never uses), from the same stage-0 student of its seed (train.py's stage 0,
+cached in OUT/stage0/ and shared by every configuration of a seed), then evaluated by greedy generation on both
+test splits:
 
-    sft-<perspective>   one perspective, for each of the 8 (the best one is reported as "sft (best)")
+    sft-best            one perspective: the best of the 8 single-perspective students on a validation world (seed
+                        --val-seed, whose ID split is never a reported test split), then run on every seed
     sft-all             all 8 rationales as independent examples, uniform weights
     mcc                 MCC-KD: uniform weights + bidirectional KL between the answers of every pair
-    mind                MIND with every component
+    mind                MIND with every component, at train.py's defaults
     mind-no-metanet, mind-no-attention, mind-inertia0, mind-beta0, mind-cons0   its ablations
-    mind-beta0.9        a stricter threshold: p = π(s) tracks π(−L̃), so β drops k only when L̃_k exceeds the
-                        best L̃ by more than ln(1/β) nats per token (0.69 at the default 0.5, 0.11 at 0.9)
+    mind-absolute       the paper's target π_τ(−L̃) (--trend-weight 1) instead of ours, relative to each trend
 
 Resumable: each run writes results/runs/<configuration>/<seed>/ (train.py's metrics.json and log.jsonl, its
 stdout in train.log, the exact command in cmd.json). A run whose metrics.json exists is skipped; a run killed
@@ -46,7 +48,7 @@ from eval import write_text  # noqa: E402  (atomic: temp file + rename)  (script
 TRAIN = os.path.join(REPO, "train.py")
 
 # configuration name -> (train.py flags, label in the table)
-CONFIGS = {f"sft-{k}": (["--method", "sft", "--perspective", k], f"sft ({k})") for k in P.KEYS}
+CONFIGS = {f"sft-{k}": (["--method", "sft", "--perspective", k], f"sft ({k})") for k in P.KEYS}  # on --val-seed
 CONFIGS.update({
     "sft-all": (["--method", "sft-all"], "sft-all (8 perspectives, uniform)"),
     "mcc": (["--method", "mcc"], "MCC-KD"),
@@ -56,12 +58,15 @@ CONFIGS.update({
     "mind-inertia0": (["--inertia", "0"], "MIND w/o inertia (μ = 0)"),
     "mind-beta0": (["--select-beta", "0"], "MIND w/o selection (β = 0)"),
     "mind-cons0": (["--cons-weight", "0"], "MIND w/o consistency (λ = 0)"),
-    "mind-beta0.9": (["--select-beta", "0.9"], "MIND, stricter selection (β = 0.9)"),
+    "mind-absolute": (["--trend-weight", "1"], "MIND with the paper's absolute target π_τ(−L̃) (γ = 1)"),
 })
 SFT = [f"sft-{k}" for k in P.KEYS]
 MAIN_ROWS = ["sft-best", "sft-all", "mcc", "mind"]
-ABLATIONS = ["mind-no-metanet", "mind-no-attention", "mind-inertia0", "mind-beta0", "mind-cons0", "mind-beta0.9"]
-USES_METANET = {"mind", "mind-no-attention", "mind-inertia0", "mind-beta0", "mind-cons0", "mind-beta0.9"}
+ABLATIONS = ["mind-no-metanet", "mind-no-attention", "mind-inertia0", "mind-beta0", "mind-cons0", "mind-absolute"]
+USES_METANET = {"mind", "mind-no-attention", "mind-inertia0", "mind-beta0", "mind-cons0", "mind-absolute"}
+# Student's t quantiles t_{0.975, df}: 95% confidence intervals of a mean of paired differences over few seeds
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
 
 # Cost model of --dry-list, measured on the 2-core development machine, one thread per run, machine otherwise idle.
 # A step of a multi-perspective method (4 questions x 8 rationales of ~90 tokens, one chunk) took 0.195 / 0.30 / 0.37 /
@@ -72,14 +77,17 @@ USES_METANET = {"mind", "mind-no-attention", "mind-inertia0", "mind-beta0", "min
 # rationales in 37 s, and the final greedy evaluation of a trained 128x4 student took ~10 ms per question; both
 # scale like a step. A loaded machine (another job per core) can be 2x slower.
 COST = {"step_base": 0.089, "step_per_flop": 0.405e-6, "chunked": 0.82, "sft_step_frac": 0.105,
-        "probe_per_rationale": 0.0046, "eval_per_question": 0.010, "startup_s": 15.0}
+        "probe_per_rationale": 0.0046, "eval_per_question": 0.010, "startup_s": 15.0, "stage0_steps_equiv": 95}
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=type(
         "F", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {}))
     g = ap.add_argument_group("what to run")
-    g.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (each: world, init, data order)")
+    g.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
+                   help="seeds (each: world, init, stage 0, data order)")
+    g.add_argument("--val-seed", type=int, default=100,
+                   help="the world on which the 8 single-perspective students are compared to pick sft-best")
     g.add_argument("--only", default=None,
                    help="comma list of configurations to run (default: all): " + ", ".join(CONFIGS))
     g.add_argument("--dry-list", action="store_true", help="print the planned runs and a time estimate, run nothing")
@@ -115,24 +123,56 @@ def build_parser() -> argparse.ArgumentParser:
 # Planning
 
 
-def planned_runs(a) -> list[dict]:
-    """Every (configuration, seed) with its train.py argv (without --out, which is where it goes)."""
-    names = list(CONFIGS)
+def planned_runs(a, best: str | None) -> list[dict]:
+    """Every (configuration, seed) with its train.py argv (without --out, which is where it goes): the 8 selection
+    runs on --val-seed, every other configuration on --seeds, and sft-<best> on --seeds once `best` is known."""
+    names = [n for n in CONFIGS if n not in SFT] + ["sft-best"]
     if a.only:
         names = [n.strip() for n in a.only.split(",") if n.strip()]
-        bad = [n for n in names if n not in CONFIGS]
+        bad = [n for n in names if n not in CONFIGS and n != "sft-best"]
         if bad:
-            raise SystemExit(f"error: --only {','.join(bad)}: unknown configuration; known: {', '.join(CONFIGS)}")
+            raise SystemExit(f"error: --only {','.join(bad)}: unknown configuration; known: "
+                             f"{', '.join(n for n in CONFIGS if n not in SFT)}, sft-best")
     common = ["--steps", a.steps, "--batch-size", a.batch_size, "--synthetic-n", a.synthetic_n,
               "--synthetic-n-test", a.synthetic_n_test, "--tiny-hidden", a.tiny_hidden, "--tiny-layers", a.tiny_layers,
-              "--max-batch-tokens", a.max_batch_tokens, "--eval-every", 0, "--save-every", a.save_every, "--no-progress"]
+              "--max-batch-tokens", a.max_batch_tokens, "--eval-every", 0, "--save-every", a.save_every, "--no-progress",
+              "--pretrain-cache", os.path.join(a.out, "stage0")]
+    plan = [(k, a.val_seed) for k in SFT] if "sft-best" in names else []  # the selection runs
+    # seed-major within a configuration, so that two parallel jobs are seldom the same seed's first stage 0
+    plan += [(n, s) for n in names if n != "sft-best" for s in a.seeds]
+    if best is not None and "sft-best" in names:
+        plan += [(f"sft-{best}", s) for s in a.seeds]
     runs = []
-    for name in names:
-        for seed in a.seeds:
-            argv = [str(x) for x in CONFIGS[name][0] + common + ["--seed", seed]] + list(a.train_args)
-            runs.append({"name": name, "seed": seed, "argv": argv,
-                         "dir": os.path.join(a.out, "runs", name, str(seed)), "est_s": estimate_s(name, a)})
+    for name, seed in plan:
+        argv = [str(x) for x in CONFIGS[name][0] + common + ["--seed", seed]] + list(a.train_args)
+        runs.append({"name": name, "seed": seed, "argv": argv,
+                     "dir": os.path.join(a.out, "runs", name, str(seed)), "est_s": estimate_s(name, a)})
     return runs
+
+
+def best_single(a) -> tuple[str | None, dict]:
+    """The perspective whose single-perspective student has the best ID accuracy on the validation world (--val-seed;
+    ties: the first in perspective order) -> (key or None until all 8 are done, {key: accuracy})."""
+    acc = {}
+    for k in P.KEYS:
+        m = read_json(os.path.join(a.out, "runs", f"sft-{k}", str(a.val_seed), "metrics.json"))
+        if m is not None:
+            acc[k] = m["eval"]["id"]["accuracy"]
+    if len(acc) < len(P.KEYS):
+        return None, acc
+    return max(P.KEYS, key=lambda k: (acc[k], -P.KEYS.index(k))), acc
+
+
+def majority_rates(a) -> dict:
+    """Per seed, the accuracy of always answering the most frequent answer of each test split: the floor a method
+    must beat to have learned anything there."""
+    from collections import Counter
+    out = {}
+    for seed in a.seeds:
+        splits = P.synthetic_splits(a.synthetic_n, a.synthetic_n_test, seed)
+        out[seed] = {name: Counter(e.answer for e in splits[f"test_{name}"]).most_common(1)[0][1] /
+                     len(splits[f"test_{name}"]) for name in ("id", "ood")}
+    return out
 
 
 def estimate_s(name: str, a) -> float:
@@ -145,6 +185,7 @@ def estimate_s(name: str, a) -> float:
     else:
         step = step4 * a.batch_size / 4 * (COST["chunked"] if a.max_batch_tokens <= 2048 else 1.0)
     t = COST["startup_s"] + a.steps * step + 2 * a.synthetic_n_test * COST["eval_per_question"] * scale
+    t += COST["stage0_steps_equiv"] * step4 / len(a.seeds)  # stage 0 (150 steps of 20 rationales), once per seed
     if name in USES_METANET:
         t += P.K * a.synthetic_n * COST["probe_per_rationale"] * scale
     return t
@@ -269,10 +310,15 @@ def run_all(runs: list[dict], a) -> list[dict]:
 
 
 def mean_std(xs: list[float]) -> dict:
-    """Mean and sample standard deviation (ddof 1; 0 for a single value) of per-seed values."""
+    """Mean, sample standard deviation (ddof 1; 0 for a single value) and the half-width of the mean's 95% confidence
+    interval (Student's t, n − 1 degrees of freedom; NaN for one value) of per-seed values."""
     x = np.asarray(xs, dtype=float)
-    return {"mean": float(x.mean()) if len(x) else float("nan"),
-            "std": float(x.std(ddof=1)) if len(x) > 1 else 0.0, "n": int(len(x)), "values": [float(v) for v in x]}
+    std = float(x.std(ddof=1)) if len(x) > 1 else 0.0
+    df = len(x) - 1
+    t = T975[max(d for d in T975 if d <= df)] if df >= 1 else float("nan")
+    return {"mean": float(x.mean()) if len(x) else float("nan"), "std": std,
+            "ci95": t * std / np.sqrt(len(x)) if df >= 1 else float("nan"), "n": int(len(x)),
+            "values": [float(v) for v in x]}
 
 
 def log_summary(path: str, tail: float = 0.1) -> dict:
@@ -314,9 +360,9 @@ def collect(out: str, pairs: list[tuple[str, int]]) -> dict:
 METRICS = ("id", "ood", "id_strict", "ood_strict", "tokens", "sel", "alpha_entropy", "n_id", "n_ood")
 
 
-def aggregate(res: dict) -> dict:
-    """Per configuration: mean ± std over seeds of every metric; "sft-best", the single-perspective run with the
-    best mean ID accuracy (ties: OOD, then perspective order); MIND minus each other row, paired by seed."""
+def aggregate(res: dict, best: str | None) -> dict:
+    """Per configuration: mean ± std over seeds of every metric; "sft-best", the single-perspective run chosen on the
+    validation world (best_single); MIND minus each other row, paired by seed, with 95% confidence intervals."""
     rows = {}
     for name, by_seed in res.items():
         seeds = sorted(by_seed)
@@ -325,12 +371,9 @@ def aggregate(res: dict) -> dict:
         if name in USES_METANET or name == "mind-no-metanet":
             c = np.mean([by_seed[s]["c_last"] for s in seeds if "c_last" in by_seed[s]], axis=0)
             rows[name]["c_last"] = dict(zip(P.KEYS, map(float, c)))
-    sft = [n for n in SFT if n in rows]
-    out = {"rows": rows, "best_sft": None, "paired": {}}
-    if sft:
-        best = max(sft, key=lambda n: (rows[n]["id"]["mean"], rows[n]["ood"]["mean"], -SFT.index(n)))
-        out["best_sft"] = best.removeprefix("sft-")
-        rows["sft-best"] = {**rows[best], "from": best}
+    out = {"rows": rows, "best_sft": best, "paired": {}}
+    if best is not None and f"sft-{best}" in rows:
+        rows["sft-best"] = {**rows[f"sft-{best}"], "from": f"sft-{best}"}
     if "mind" in res:
         for other in ["sft-best", "sft-all", "mcc", *ABLATIONS]:
             src = rows.get(other, {}).get("from", other)
@@ -340,9 +383,9 @@ def aggregate(res: dict) -> dict:
             if common:
                 out["paired"][other] = {k: mean_std([res["mind"][s][k] - res[src][s][k] for s in common])
                                         for k in ("id", "ood")}
-                d = [res["mind"][s]["ood"] - res[src][s]["ood"] for s in common]
-                out["paired"][other]["ood_higher_tied_lower"] = [sum(x > 0 for x in d), sum(x == 0 for x in d),
-                                                                 sum(x < 0 for x in d)]
+                d = [res["mind"][s]["id"] - res[src][s]["id"] for s in common]
+                out["paired"][other]["id_higher_tied_lower"] = [sum(x > 0 for x in d), sum(x == 0 for x in d),
+                                                                sum(x < 0 for x in d)]
     return out
 
 
@@ -351,6 +394,11 @@ def pm(m: dict | None, scale: float = 100.0, digits: int = 1) -> str:
     if not m:
         return "—"
     return f"{m['mean'] * scale:.{digits}f} ± {m['std'] * scale:.{digits}f}"
+
+
+def ci(m: dict) -> str:
+    """'mean [lo, hi]' in percentage points."""
+    return f"{100 * m['mean']:+.1f} [{100 * (m['mean'] - m['ci95']):+.1f}, {100 * (m['mean'] + m['ci95']):+.1f}]"
 
 
 def label(name: str, agg: dict) -> str:
@@ -366,9 +414,10 @@ def markdown(agg: dict, a, n_seeds: int, command: str) -> str:
          f"Command: `{command}`", "",
          f"Budget, identical for every configuration: {a.steps} optimiser steps × {a.batch_size} questions per step "
          f"(all 8 rationales of each question, or its one rationale for sft), a {a.tiny_layers}-layer width-"
-         f"{a.tiny_hidden} Qwen2 student from random initialisation, {a.synthetic_n} training questions, "
-         f"{a.synthetic_n_test} in-distribution (ID: 1–2 events) and {a.synthetic_n_test} out-of-distribution "
-         f"(OOD: 3 events, unseen sentence templates) test questions per seed, seeds {', '.join(map(str, a.seeds))}"
+         f"{a.tiny_hidden} Qwen2 student pre-trained by train.py's stage 0 (the same for every configuration of a "
+         f"seed), {a.synthetic_n} training questions, {a.synthetic_n_test} in-distribution (ID: 1–2 events) and "
+         f"{a.synthetic_n_test} out-of-distribution (OOD: 1–2 events, opening and question sentences never seen in "
+         f"training) test questions per seed, seeds {', '.join(map(str, a.seeds))}"
          + (f" (extra train.py flags: `{' '.join(a.train_args)}`)" if a.train_args else "") + ".", ""]
     n_id = sorted({int(v) for r in rows.values() if "n_id" in r for v in r["n_id"]["values"]})
     n_ood = sorted({int(v) for r in rows.values() if "n_ood" in r for v in r["n_ood"]["values"]})
@@ -399,26 +448,27 @@ def markdown(agg: dict, a, n_seeds: int, command: str) -> str:
                      f"{pm(r.get('ood_strict'))} | {seeds} | {r['tokens']['mean'] / 1e6:.2f}M | {sel} | {ent} |")
         return t
 
+    maj = agg.get("majority")
+    if maj:
+        L += [f"Majority-answer rate (always answering a split's most frequent answer), mean over seeds: ID "
+              f"{100 * np.mean([m['id'] for m in maj.values()]):.1f}%, OOD {100 * np.mean([m['ood'] for m in maj.values()]):.1f}%.",
+              ""]
     L += ["## Main comparison", ""] + table(MAIN_ROWS) + [""]
     if agg["best_sft"]:
-        L += [f"The best single perspective is picked by mean ID *test* accuracy over seeds, which favours that "
-              f"baseline. sft trains on one rationale per question, so at the same step budget it sees about 1/8 of "
-              f"the tokens.", ""]
+        sel = ", ".join(f"{k} {100 * v:.1f}" for k, v in agg.get("selection", {}).items())
+        L += [f"The single perspective ({agg['best_sft']}) was chosen by ID accuracy on the validation world (seed "
+              f"{a.val_seed}; never a reported test split): {sel}. sft trains on one rationale per question, so at the "
+              f"same step budget it sees about 1/8 of the tokens.", ""]
     L += ["## Ablations of MIND", ""] + table(["mind", *ABLATIONS]) + [""]
     if agg["paired"]:
         L += ["## MIND minus each other configuration, paired by seed (percentage points)", "",
-              "| vs | Δ ID | Δ OOD | seeds where MIND's OOD is higher / tied / lower |", "|---|---|---|---|"]
-        for other, d in agg["paired"].items():
-            L.append(f"| {label(other, agg)} | {pm(d['id'])} | {pm(d['ood'])} | "
-                     + " / ".join(map(str, d["ood_higher_tied_lower"])) + " |")
-        L.append("")
-    sft = [n for n in SFT if n in rows]
-    if sft:
-        L += ["## Every single-perspective SFT student", "", "| perspective | ID acc | OOD acc | seeds |",
+              "Mean paired difference [95% confidence interval, Student's t over seeds]. An interval that contains 0 "
+              "is a difference this design cannot resolve; its half-width is about the smallest effect it could.", "",
+              "| vs | Δ ID [95% CI] | Δ OOD [95% CI] | seeds where MIND's ID is higher / tied / lower |",
               "|---|---|---|---|"]
-        for n in sft:
-            L.append(f"| {n.removeprefix('sft-')} | {pm(rows[n]['id'])} | {pm(rows[n]['ood'])} | "
-                     f"{len(rows[n]['seeds'])}/{n_seeds} |")
+        for other, d in agg["paired"].items():
+            L.append(f"| {label(other, agg)} | {ci(d['id'])} | {ci(d['ood'])} | "
+                     + " / ".join(map(str, d["id_higher_tied_lower"])) + " |")
         L.append("")
     if "mind" in rows and "c_last" in rows["mind"]:
         c = rows["mind"]["c_last"]
@@ -449,10 +499,12 @@ def make_plots(out: str, seed: int, seeds: dict[str, list[int]], report: dict | 
     sel = {lab: lg for lab, lg in (("MIND", mind), ("w/o attention", logs_of("mind-no-attention")),
                                    ("μ = 0", logs_of("mind-inertia0")), ("λ = 0", logs_of("mind-cons0")),
                                    ("β = 0", logs_of("mind-beta0")),
-                                   ("β = 0.9", logs_of("mind-beta0.9"))) if lg}
+                                   ("γ = 1 (absolute target)", logs_of("mind-absolute"))) if lg}
     if sel:
         done.append(plots.plot_selection(sel, os.path.join(out, "selection.png")))
     d = os.path.join(runs, "mind", str(seed))
+    if seed in seeds.get("mind", []):  # one MIND run: selection per perspective, α and c_k over training
+        done.append(plots.plot_run(plots.read_log(os.path.join(d, "log.jsonl")), os.path.join(out, "mind_run.png")))
     if seed in seeds.get("mind", []) and os.path.exists(os.path.join(d, "probe.pt")):
         beta = json.load(open(os.path.join(d, "metrics.json")))["config"]["select_beta"]
         done.append(plots.plot_scores(plots.metanet_probs(d), os.path.join(out, "metanet_scores.png"),
@@ -473,8 +525,22 @@ def main(argv=None):
             ap.error(f"--{name.replace('_', '-')} {getattr(a, name)}: must be >= 1")
     if len(set(a.seeds)) != len(a.seeds):
         ap.error(f"--seeds {a.seeds}: repeated seed")
+    if a.val_seed in a.seeds:
+        ap.error(f"--val-seed {a.val_seed} is also in --seeds: the validation world must not be a reported one")
     a.out = os.path.abspath(a.out)
-    runs = planned_runs(a)
+    failed = []
+    best, selection = best_single(a)
+    if best is None and not (a.dry_list or a.aggregate_only):
+        # first the 8 selection runs: sft-best's perspective must be known before its runs are planned
+        todo = [r for r in planned_runs(a, None) if r["seed"] == a.val_seed and status(r) in ("new", "resume")]
+        if todo:
+            print(f"{len(todo)} single-perspective runs on the validation world (seed {a.val_seed}) first")
+            failed = run_all(todo, a)
+        best, selection = best_single(a)
+        if best is not None:
+            print("validation ID accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in selection.items()) +
+                  f" -> sft-best is {best}")
+    runs = planned_runs(a, best)
     states = {id(r): status(r) for r in runs}
     stale = [r for r in runs if states[id(r)] == "stale"]
     todo = [r for r in runs if states[id(r)] in ("new", "resume") or (a.redo_stale and r in stale)]
@@ -488,6 +554,8 @@ def main(argv=None):
               f"{len(todo)} to run")
         print(f"estimated: {fmt_s(sum(t))} of single-thread compute, about {fmt_s(makespan(t, a.jobs))} wall time with "
               f"--jobs {a.jobs} on an otherwise idle machine (a busy one: up to twice that)")
+        if best is None and (not a.only or "sft-best" in a.only):
+            print(f"plus sft-best on {len(a.seeds)} seeds, once the selection runs have picked its perspective")
         return runs
 
     if stale and not a.redo_stale:
@@ -495,24 +563,23 @@ def main(argv=None):
               f"(not in the table); --redo-stale redoes them, or choose another --out:", file=sys.stderr)
         for r in stale[:5]:
             print(f"  {r['dir']}", file=sys.stderr)
-    failed = []
     if not a.aggregate_only and todo:
         print(f"{len(todo)} runs to do ({len(runs) - len(todo) - len(stale)} already done), about "
               f"{fmt_s(makespan([r['est_s'] for r in todo], a.jobs))} with --jobs {a.jobs}")
-        failed = run_all(todo, a)
+        failed += run_all(todo, a)
 
     # the table: only runs made with the planned flags count
     ok = [r for r in runs if status(r) == "done"]
     for r in ok:  # finished while this script was being stopped: not finalised yet
         if os.path.exists(os.path.join(r["dir"], "ckpt")) and not (a.keep_ckpt or a.aggregate_only):
             finalize(r, a.keep_ckpt)
-    res = collect(a.out, [(r["name"], r["seed"]) for r in ok])
-    agg = aggregate(res)
+    res = collect(a.out, [(r["name"], r["seed"]) for r in ok if r["seed"] in a.seeds])
+    agg = {**aggregate(res, best), "selection": selection, "majority": majority_rates(a)}
     command = "python scripts/reproduce.py" + "".join(f" {x}" for x in (argv if argv is not None else sys.argv[1:])
                                                        if x not in ("--aggregate-only",))
     report = {"budget": {k: getattr(a, k) for k in ("steps", "batch_size", "synthetic_n", "synthetic_n_test",
                                                    "tiny_hidden", "tiny_layers", "max_batch_tokens", "seeds",
-                                                   "train_args")},
+                                                   "val_seed", "train_args")},
               "command": command, "runs": {n: {str(s): v for s, v in d.items()} for n, d in res.items()}, **agg}
     os.makedirs(a.out, exist_ok=True)
     write_text(os.path.join(a.out, "miniature.json"), json.dumps(report, indent=1))

@@ -37,6 +37,8 @@ def fast_flags(*extra: str) -> list[str]:
         flags += ["--tiny-hidden", "32", "--tiny-layers", "1", "--tiny-heads", "2", "--tiny-vocab", "300"]
     if "--data" not in extra:
         flags += ["--synthetic-n", "24", "--synthetic-n-test", "8"]
+    if "--data" not in extra and "--student" not in extra and "--pretrain-steps" not in extra:
+        flags += ["--pretrain-steps", "0"]  # stage 0 has its own tests (test_train.py); elsewhere it costs time
     if "--eval-every" not in extra:
         flags += ["--eval-every", "2", "--eval-limit", "4"]
     if method == "mind" and "--no-metanet" not in extra:

@@ -11,8 +11,8 @@ nan = float("nan")
 T, F = True, False
 
 
-def test_calibrator_first_visit_and_ema_by_hand():
-    cal = InertiaCalibrator(2, momentum=0.5)
+def test_calibrator_seeded_rule_by_hand():
+    cal = InertiaCalibrator(2, momentum=0.5, rule="seeded")
     # step 1: c is the first observation: c0 = mean(1, 3) = 2, c1 = 2 (only q=a observed)
     # first visits start from c: a = .5·2 + .5·(1, 2) = (1.5, 2);  b0 = .5·2 + .5·3 = 2.5, b1 never seen
     out = cal.update(["a", "b"], torch.tensor([[1.0, 2.0], [3.0, nan]]), torch.tensor([[T, T], [T, F]]))
@@ -27,26 +27,56 @@ def test_calibrator_first_visit_and_ema_by_hand():
     assert cal.c.tolist() == [1.25, 4.5] and out[0].tolist() == [1.25, 5.25]
 
 
-def test_calibrator_unobserved_keeps_memory():
-    cal = InertiaCalibrator(2, momentum=0.9)
+def test_calibrator_debiased_rule_by_hand():
+    # bias-corrected EMA, μ = .5: w1 = .5, L̃1 = x1 (the first visit is the observation itself);
+    # w2 = .5·.5 + .5 = .75, L̃2 = (.5·x1·w1 + .5·x2) / w2 = (x1 + 2 x2) / 3 (Adam's m / (1 − β²))
+    cal = InertiaCalibrator(2, momentum=0.5, rule="debiased")
+    out = cal.update(["a"], torch.tensor([[1.0, 6.0]]), torch.tensor([[T, T]]))
+    assert out.tolist() == [[1.0, 6.0]]
+    out = cal.update(["a"], torch.tensor([[4.0, 0.0]]), torch.tensor([[T, T]]))
+    assert torch.allclose(out, torch.tensor([[3.0, 2.0]]))
+
+
+def test_calibrator_offset_rule_by_hand():
+    # L̃_qk = c_k + o_qk, o = bias-corrected EMA of ℓ − c_k (c_k after this step's update), μ = .5
+    cal = InertiaCalibrator(2, momentum=0.5)
+    assert cal.rule == "offset"  # the default
+    # step 1: c = mean = (2, 4); offsets a = (−1, −1), b = (1, 1): L̃ = the observations
+    out = cal.update(["a", "b"], torch.tensor([[1.0, 3.0], [3.0, 5.0]]), torch.ones(2, 2, dtype=torch.bool))
+    assert out.tolist() == [[1.0, 3.0], [3.0, 5.0]]
+    # step 2, b alone: c = .5·(2, 4) + .5·(0, 1) = (1, 2.5); x = (−1, −1.5); w = .75;
+    # o_b = (.5·1·.5 + .5·x) / .75 = (−1/3, −2/3); L̃_b = (2/3, 11/6)
+    out = cal.update(["b"], torch.tensor([[0.0, 1.0]]), torch.tensor([[T, T]]))
+    assert torch.allclose(cal.c, torch.tensor([1.0, 2.5]))
+    assert torch.allclose(out, torch.tensor([[2 / 3, 11 / 6]]))
+    # a was not visited, but its L̃ follows its perspectives' trend: c + (−1, −1)
+    assert torch.allclose(cal.filtered(["a", "never"])[0], torch.tensor([0.0, 1.5]))
+    assert cal.filtered(["never"]).isnan().all()
+
+
+@pytest.mark.parametrize("rule", ["offset", "debiased", "seeded"])
+def test_calibrator_unobserved_keeps_memory(rule):
+    cal = InertiaCalibrator(2, momentum=0.9, rule=rule)
     cal.update(["a"], torch.tensor([[1.0, 1.0]]), torch.tensor([[T, T]]))
-    before = cal.memory["a"].clone()
+    before = cal.filtered(["a"])
     c_before = cal.c.clone()
     out = cal.update(["a"], torch.tensor([[100.0, 100.0]]), torch.tensor([[F, F]]))
-    assert torch.equal(out[0], before) and torch.equal(cal.c, c_before)
+    assert torch.equal(out, before) and torch.equal(cal.c, c_before)
 
 
-def test_calibrator_mu_zero_is_instantaneous():
-    cal = InertiaCalibrator(3, momentum=0.0)
+@pytest.mark.parametrize("rule", ["offset", "debiased", "seeded"])
+def test_calibrator_mu_zero_is_instantaneous(rule):
+    cal = InertiaCalibrator(3, momentum=0.0, rule=rule)
     for losses in ([[1.0, 2.0, 3.0], [3.0, 4.0, 5.0]], [[7.0, 0.5, 2.0], [1.0, 1.5, 4.0]]):
         x = torch.tensor(losses)
         out = cal.update(["a", "b"], x, torch.ones(2, 3, dtype=torch.bool))
-        assert torch.equal(out, x)
+        assert torch.allclose(out, x, atol=1e-6)
         assert torch.allclose(cal.c, x.mean(0))
 
 
-def test_calibrator_detaches_and_round_trips():
-    cal = InertiaCalibrator(2, momentum=0.5)
+@pytest.mark.parametrize("rule", ["offset", "debiased", "seeded"])
+def test_calibrator_detaches_and_round_trips(rule):
+    cal = InertiaCalibrator(2, momentum=0.5, rule=rule)
     x = torch.tensor([[1.0, 2.0]], requires_grad=True)
     out = cal.update(["q"], x * 2, torch.tensor([[T, T]]))
     assert not out.requires_grad
@@ -57,6 +87,8 @@ def test_calibrator_detaches_and_round_trips():
     assert torch.equal(cal.update(["q"], y, m), other.update(["q"], y, m))
     with pytest.raises(ValueError):
         InertiaCalibrator(2, momentum=1.0)
+    with pytest.raises(ValueError):
+        InertiaCalibrator(2, momentum=0.5, rule="median")
 
 
 def test_select_soft_threshold_by_hand():
@@ -67,6 +99,17 @@ def test_select_soft_threshold_by_hand():
     assert select_perspectives(s, mask, 0.6).tolist() == [[F, T, F, F]]  # .25 < .3
     assert select_perspectives(s, mask, 0.0).tolist() == [[T, T, F, T]]  # β = 0 keeps all present
     assert select_perspectives(s, mask, 5.0).tolist() == [[F, T, F, F]]  # the arg-max always survives
+
+
+def test_select_temperature_and_floor_by_hand():
+    # τ = .5: p ∝ exp(2s) over present {0,1,3} = [1, 4, -, 1]/6; β = .5: 1/6 < .5·4/6, only the arg-max survives
+    s = torch.tensor([[0.0, math.log(2), 10.0, 0.0]])
+    mask = torch.tensor([[T, T, F, T]])
+    assert select_perspectives(s, mask, 0.5, tau=0.5).tolist() == [[F, T, F, F]]
+    assert select_perspectives(s, mask, 0.24, tau=0.5).tolist() == [[T, T, F, T]]  # 1/6 ≥ .24·4/6
+    # a floor of 2 adds the next best (ties broken by the first index); a floor above |K_q| keeps what is present
+    assert select_perspectives(s, mask, 0.5, tau=0.5, min_keep=2).tolist() == [[T, T, F, F]]
+    assert select_perspectives(s, mask, 0.5, tau=0.5, min_keep=4).tolist() == [[T, T, F, T]]
 
 
 def test_select_never_keeps_absent_and_handles_ties():

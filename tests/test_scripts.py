@@ -35,46 +35,57 @@ def fake_run(out, run: dict, id_acc: float, ood_acc: float, steps: int = 5, sel:
                                 "alpha": [0.125] * 8, "loss": 1.0}) + "\n")
 
 
-def plan(tmp_path, *extra):
-    a = reproduce.build_parser().parse_args(["--out", str(tmp_path), *BUDGET, *extra])
-    return a, {(r["name"], r["seed"]): r for r in reproduce.planned_runs(a)}
+def plan(tmp_path, *extra, best=None):
+    a = reproduce.build_parser().parse_args(["--out", str(tmp_path), *BUDGET, "--seeds", "0", "1", "2", *extra])
+    return a, {(r["name"], r["seed"]): r for r in reproduce.planned_runs(a, best)}
 
 
-def test_aggregate_mean_std_best_sft_and_paired(tmp_path):
+def test_aggregate_mean_std_ci_best_sft_on_validation_and_paired(tmp_path):
     a, runs = plan(tmp_path)
+    # the validation world (--val-seed 100) picks the single perspective: planning, by its ID accuracy there
+    for k in P.KEYS:
+        fake_run(tmp_path, runs[(f"sft-{k}", 100)], 0.5 if k == "planning" else 0.2, 0.0)
+    assert ("sft-planning", 0) not in runs  # not known before the selection runs are done
+    assert reproduce.best_single(a) == ("planning", {k: 0.5 if k == "planning" else 0.2 for k in P.KEYS})
+    a, runs = plan(tmp_path, best="planning")
     acc = {  # (ID, OOD) per seed
         "mind": [(0.5, 0.2), (0.6, 0.3), (0.7, 0.4)],
         "sft-all": [(0.4, 0.3), (0.6, 0.3), (0.5, 0.1)],
-        "sft-intuitive": [(0.3, 0.1), (0.3, 0.1), (0.3, 0.1)],
-        "sft-planning": [(0.3, 0.2), (0.3, 0.2), (0.3, 0.2)],  # ties intuitive on ID, wins on OOD
-        "sft-analogy": [(0.1, 0.0), (0.2, 0.0), (0.1, 0.0)],
+        "sft-planning": [(0.3, 0.2), (0.3, 0.2), (0.3, 0.2)],
     }
     for name, per_seed in acc.items():
         for seed, (i, o) in enumerate(per_seed):
             fake_run(tmp_path, runs[(name, seed)], i, o)
-    rep = reproduce.main(["--out", str(tmp_path), *BUDGET, "--aggregate-only", "--no-plots"])
+    rep = reproduce.main(["--out", str(tmp_path), *BUDGET, "--seeds", "0", "1", "2", "--aggregate-only", "--no-plots"])
     rows = rep["rows"]
     assert rows["mind"]["id"]["mean"] == pytest.approx(0.6)
     assert rows["mind"]["id"]["std"] == pytest.approx(0.1)  # sample std (ddof 1) of 0.5, 0.6, 0.7
     assert rows["sft-all"]["ood"]["std"] == pytest.approx(np.std([0.3, 0.3, 0.1], ddof=1))
     assert rows["mind"]["id_strict"]["mean"] == pytest.approx(0.3)
     assert rep["best_sft"] == "planning" and rows["sft-best"]["from"] == "sft-planning"
-    assert rows["sft-best"]["ood"]["mean"] == pytest.approx(0.2)
-    # MIND minus sft-all on the same seeds: OOD -0.1, 0.0, +0.3
+    assert rows["sft-best"]["ood"]["mean"] == pytest.approx(0.2) and rows["sft-best"]["seeds"] == [0, 1, 2]
+    # MIND minus sft-all on the same seeds: ID +0.1, 0.0, +0.2: mean 0.1, std 0.1, 95% CI ± t(2)·0.1/√3
     d = rep["paired"]["sft-all"]
-    assert d["ood"]["values"] == pytest.approx([-0.1, 0.0, 0.3])
-    assert d["ood_higher_tied_lower"] == [1, 1, 1]
+    assert d["id"]["values"] == pytest.approx([0.1, 0.0, 0.2])
+    assert d["id"]["ci95"] == pytest.approx(4.303 * 0.1 / np.sqrt(3))
+    assert d["id_higher_tied_lower"] == [2, 1, 0]
     assert rep["paired"]["sft-best"]["id"]["mean"] == pytest.approx(0.3)
+    # the majority-answer floor of each seed's test splits, computed from the world itself
+    splits = P.synthetic_splits(16, 4, 1)
+    top = max(sum(e.answer == x.answer for x in splits["test_ood"]) for e in splits["test_ood"])
+    assert rep["majority"][1]["ood"] == pytest.approx(top / len(splits["test_ood"]))
     md = open(tmp_path / "miniature.md").read()
     assert "60.0 ± 10.0" in md and "best single perspective (planning)" in md and "not run" in md  # mcc is missing
+    assert "+10.0 [-14.8, +34.8]" in md and "validation world (seed 100;" in md
     assert json.load(open(tmp_path / "miniature.json"))["best_sft"] == "planning"
 
 
 def test_single_seed_has_zero_std_and_missing_seeds_are_counted(tmp_path):
     a, runs = plan(tmp_path)
     fake_run(tmp_path, runs[("mcc", 1)], 0.25, 0.5)
-    rep = reproduce.main(["--out", str(tmp_path), *BUDGET, "--aggregate-only", "--no-plots"])
-    assert rep["rows"]["mcc"]["id"] == {"mean": 0.25, "std": 0.0, "n": 1, "values": [0.25]}
+    rep = reproduce.main(["--out", str(tmp_path), *BUDGET, "--seeds", "0", "1", "2", "--aggregate-only", "--no-plots"])
+    m = rep["rows"]["mcc"]["id"]
+    assert (m["mean"], m["std"], m["n"], m["values"]) == (0.25, 0.0, 1, [0.25]) and np.isnan(m["ci95"])
     assert "| 1/3 |" in open(tmp_path / "miniature.md").read()
 
 
@@ -117,14 +128,16 @@ def test_status_done_stale_resume(tmp_path):
 
 def test_dry_list_plans_every_configuration_and_runs_nothing(tmp_path, capsys):
     runs = reproduce.main(["--out", str(tmp_path), *BUDGET, "--dry-list"])
-    assert len(runs) == 17 * 3
+    assert len(runs) == 8 + 9 * 5  # the selection runs on the validation world, then 9 configurations x 5 seeds
     assert {r["name"] for r in runs} == set(reproduce.CONFIGS)
+    assert {r["seed"] for r in runs if r["name"] in reproduce.SFT} == {100}
     mind = next(r for r in runs if r["name"] == "mind-inertia0" and r["seed"] == 2)
     assert mind["argv"][:2] == ["--inertia", "0"] and mind["argv"][mind["argv"].index("--seed") + 1] == "2"
     # one step budget for every configuration
     assert {r["argv"][r["argv"].index("--steps") + 1] for r in runs} == {"7"}
     assert not os.path.exists(tmp_path / "runs")
-    assert "51 to run" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "53 to run" in out and "plus sft-best on 5 seeds" in out
 
 
 def test_makespan_longest_first():
@@ -144,7 +157,7 @@ def test_end_to_end_tiny_then_resume_skips(tmp_path, monkeypatch):
         assert not (d / "ckpt").exists()  # dropped after the run
         assert len(open(d / "log.jsonl").readlines()) == 7
     assert (tmp_path / "runs" / "mind" / "0" / "final_state.pt").exists()
-    for png in ("ck_trends.png", "selection.png", "metanet_scores.png", "miniature.png"):
+    for png in ("ck_trends.png", "selection.png", "metanet_scores.png", "miniature.png", "mind_run.png"):
         assert (tmp_path / png).stat().st_size > 0
     monkeypatch.setattr(reproduce, "launch", lambda *a, **k: pytest.fail("a finished run was launched again"))
     rep2 = reproduce.main(args)
@@ -320,3 +333,17 @@ def test_paper_bad_flags_fail_in_one_line(tmp_path, capsys):
     bad.write_text("question,answer\n")
     with pytest.raises(SystemExit, match="missing columns 'Question'"):
         paper.main(["--student", "Qwen2.5-1.5B", "--out", str(tmp_path), "--gpqa-csv", str(bad)])
+
+
+def test_probe_spread_by_hand(tmp_path):
+    import probe_spread
+    nan = float("nan")
+    # question 0: ℓ⁰ 1..8 (spread 7); question 1: 2, 2.1, 5, absent... (spread 3)
+    l0 = torch.tensor([[1.0, 2, 3, 4, 5, 6, 7, 8], [2.0, 2.1, 5, nan, nan, nan, nan, nan]])
+    os.makedirs(tmp_path / "run")
+    torch.save({"l0": l0, "features": None}, tmp_path / "run" / "probe.pt")
+    r = probe_spread.main([str(tmp_path / "run"), "--beta", "0.5", "--tau", "1", "2"])[str(tmp_path / "run")]
+    assert r["mean"]["formal_symbolic"] == pytest.approx(1.5) and r["mean"]["planning"] == pytest.approx(4.0)
+    assert r["spread_p10_p50_p90"][1] == pytest.approx(5.0)  # median of (7, 3)
+    # kept if ℓ⁰_k − min ≤ τ ln 2: τ = 1 (0.69): q0 keeps 1, q1 keeps 2 (0.1); τ = 2 (1.39): q0 keeps 2, q1 keeps 2
+    assert r["kept"] == {1.0: pytest.approx(1.5), 2.0: pytest.approx(2.0)}

@@ -149,8 +149,11 @@ def test_select_beta_zero_keeps_all(tmp_path):
 
 
 def test_select_beta_high_keeps_argmax_only(tmp_path):
-    _, log, _ = run(tmp_path, "--select-beta", "1.0")
-    assert all(r["sel"] == 1 and r["cons"] == 0 for r in log)
+    fixed = ("--select-beta", "1.0", "--select-beta-end", "1.0")  # no curriculum: β = 1 at every step
+    _, log, _ = run(tmp_path, *fixed, "--min-selected", "1")
+    assert all(r["sel"] == 1 and r["cons"] == 0 and "beta" not in r for r in log)
+    _, log, _ = run(tmp_path / "floor", *fixed)  # the default floor keeps two
+    assert all(r["sel"] == 2 and r["cons"] > 0 for r in log)
 
 
 def test_cons_weight_zero(tmp_path):
@@ -159,8 +162,8 @@ def test_cons_weight_zero(tmp_path):
 
 
 def test_probe_every(tmp_path):
-    _, log, _ = run(tmp_path, "--probe-every", "2", "--select-beta", "1.0")
-    # with one selected rationale per question, unselected ℓ are observed on even steps only
+    _, log, _ = run(tmp_path, "--probe-every", "2", "--select-beta", "1.0", "--select-beta-end", "1.0", "--min-selected", "1")
+    # with one selected rationale per question (no curriculum), unselected ℓ are observed on even steps only
     assert all(all(l is not None for l in r["loss_k"]) for r in log[0::2])
     assert any(any(l is None for l in r["loss_k"]) for r in log[1::2])
 
@@ -263,6 +266,10 @@ def test_calibrator_trend_advances_once_per_optimiser_step(tmp_path):
 
 @pytest.mark.parametrize("argv, named", [
     (["--method", "mcc", "--cons-weight", "5"], "--cons-weight"),
+    (["--method", "sft-all", "--trend-weight", "0"], "--trend-weight"),
+    (["--method", "mcc", "--inertia-rule", "seeded"], "--inertia-rule"),
+    (["--data", "data/demo_perspectives.jsonl", "--pretrain-steps", "5"], "--pretrain-steps"),
+    (["--pretrain-steps", "0", "--pretrain-perspectives", "analogy"], "--pretrain-perspectives"),
     (["--method", "sft-all", "--select-beta", "0.9"], "--select-beta"),
     (["--method", "sft", "--probe-every", "3"], "--probe-every"),
     (["--method", "mcc", "--ta-encoder", "x"], "--ta-encoder"),
@@ -486,3 +493,54 @@ def test_backward_per_chunk_gives_the_one_backward_gradient(tiny, synth, cons, m
     assert per.parts == pytest.approx(one.parts, rel=1e-5) and torch.allclose(per.seq_losses, one.seq_losses)
     for a, b in zip(g_per, g_one):
         assert (a - b).abs().max() <= 1e-5 * b.abs().max().clamp(min=1e-12)
+
+
+# ---- issue 12: stage 0, the curriculum, the TA's target, the run's plot
+
+
+def test_stage_0_is_cached_and_the_cached_run_is_the_same_run(tmp_path, capsys):
+    cache = str(tmp_path / "cache")
+    flags = ("--pretrain-steps", "3", "--pretrain-cache", cache)
+    _, log_a, out_a = run(tmp_path / "a", *flags, steps=2)
+    assert "stage 0: 3 steps of 15 rationales" in capsys.readouterr().out  # 3 questions x (4 + 1 in turn)
+    assert len(os.listdir(cache)) == 1
+    _, log_b, out_b = run(tmp_path / "b", *flags, steps=2)
+    assert "stage 0: loaded" in capsys.readouterr().out
+    assert log_a == log_b  # loading the cache uses no RNG: the run continues exactly as the computing one did
+    _, _, out_c = run(tmp_path / "c", "--pretrain-steps", "0", steps=2)
+    l0 = [torch.load(os.path.join(o, "probe.pt"))["l0"] for o in (out_a, out_b, out_c)]
+    assert torch.equal(l0[0], l0[1]) and not torch.allclose(l0[0], l0[2])  # stage 0 changed the student
+
+
+def test_stage_0_corpus_is_one_event_problems_and_no_test_question():
+    splits = P.synthetic_splits(50, 40, seed=3)
+    tests = [e.to_json() for e in splits["test_id"] + splits["test_ood"]]
+    probe = train.pretrain_corpus(400, 3, [])
+    banned = {probe[0].question, probe[5].question}
+    corpus = train.pretrain_corpus(400, 3, tests + [{"question": q} for q in banned])
+    assert len(corpus) == 400 and not banned & {e.question for e in corpus}
+    assert not {e["question"] for e in tests} & {e.question for e in corpus}
+    assert all(e.question.count(".") == 2 for e in corpus)  # opening, one event, then the question
+
+
+def test_scheduled_beta_by_hand():
+    # β_t = β_0 (β_T/β_0)^(t/(T−1)): 0.5, 0.05, 0.005 over 3 steps; the threshold τ ln(1/β) grows by ln 10 a step
+    assert [train.scheduled_beta(t, (0.5, 0.005, 3)) for t in range(3)] == pytest.approx([0.5, 0.05, 0.005])
+
+
+def test_curriculum_logs_beta_and_selection_rates_add_up(tmp_path):
+    _, log, out = run(tmp_path, "--select-beta", "0.9", "--select-beta-end", "0.09", "--select-tau", "0.05", steps=3)
+    assert [r["beta"] for r in log] == pytest.approx([0.9, 0.9 * 0.1 ** 0.5, 0.09])
+    for r in log:  # every perspective is present: Σ_k P(k ∈ I_q) = mean |I_q|
+        assert sum(r["sel_k"]) == pytest.approx(r["sel"], abs=1e-5) and all(0 <= x <= 1 for x in r["sel_k"])
+    assert os.path.getsize(os.path.join(out, "mind.png")) > 10_000  # selection, α and c_k over training
+
+
+def test_target_relative_to_the_trend_by_hand():
+    from mind import InertiaCalibrator, Mind
+    cal = InertiaCalibrator(3, 0.9)
+    cal.update(["a", "b"], torch.tensor([[1.0, 2.0, 4.0], [3.0, 2.0, 0.0]]), torch.ones(2, 3, dtype=torch.bool))
+    filt = torch.tensor([[1.0, 2.0, 4.0]])  # c = (2, 2, 2)
+    assert Mind(None, cal, trend_weight=1.0).target(filt).tolist() == [[1.0, 2.0, 4.0]]  # the paper's L̃
+    assert Mind(None, cal, trend_weight=0.0).target(filt).tolist() == [[-1.0, 0.0, 2.0]]  # L̃ − c
+    assert Mind(None, cal, trend_weight=0.5).target(filt).tolist() == [[0.0, 1.0, 3.0]]
