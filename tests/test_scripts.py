@@ -149,7 +149,7 @@ def test_makespan_longest_first():
 def test_end_to_end_tiny_then_resume_skips(tmp_path, monkeypatch):
     """Two real tiny runs through train.py; the second invocation launches nothing and rebuilds the same table."""
     args = ["--out", str(tmp_path), *BUDGET, "--seeds", "0", "--only", "sft-all,mind", "--save-every", "5",
-            "--", "--tiny-vocab", "300", "--eval-batch-size", "8"]
+            "--", "--tiny-vocab", "300", "--eval-batch-size", "8", "--pretrain-steps", "2"]
     rep = reproduce.main(args)
     for name in ("sft-all", "mind"):
         d = tmp_path / "runs" / name / "0"
@@ -347,3 +347,24 @@ def test_probe_spread_by_hand(tmp_path):
     assert r["spread_p10_p50_p90"][1] == pytest.approx(5.0)  # median of (7, 3)
     # kept if ℓ⁰_k − min ≤ τ ln 2: τ = 1 (0.69): q0 keeps 1, q1 keeps 2 (0.1); τ = 2 (1.39): q0 keeps 2, q1 keeps 2
     assert r["kept"] == {1.0: pytest.approx(1.5), 2.0: pytest.approx(2.0)}
+
+
+def test_track_loss_shadows_see_the_same_updates_and_count_gains_by_hand():
+    import track_loss
+    from mind import InertiaCalibrator
+    tee = track_loss.Tee(2, 0.5, "offset")
+    ids, m = ["a", "b"], torch.ones(2, 2, dtype=torch.bool)
+    x1, x2 = torch.tensor([[1.0, 3.0], [3.0, 5.0]]), torch.tensor([[3.0, 3.0], [1.0, 1.0]])
+    tee.update(ids, x1, m)
+    tee.update(ids, x2, m)
+    for (rule, mu), name in zip(track_loss.SHADOWS, tee.shadows):
+        alone = InertiaCalibrator(2, mu, rule)
+        alone.update(ids, x1, m)
+        alone.update(ids, x2, m)
+        assert torch.allclose(tee.shadows[name].filtered(ids), alone.filtered(ids))
+    # μ = 0 takes the whole innovation (gain 1); the first visit has nothing to move from and is not counted
+    moved, innovation, n = tee.moves["instantaneous (μ = 0)"]
+    assert n == 4 and moved == pytest.approx(innovation) and moved == pytest.approx(2 + 0 + 2 + 4)
+    # bias-corrected EMA at μ = .9: the second visit takes (1 − μ)/(1 − μ²) of the innovation ℓ − L̃
+    moved, innovation, n = tee.moves["debiased (μ = 0.9)"]
+    assert moved / innovation == pytest.approx(0.1 / 0.19)
