@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+import distributed
 from eval import Encoded, collate, load_tokenizer, resolve_model_name, user_message
 from losses import answer_logits_from_hidden, hidden_ce, sequence_ce
 from metanet import mean_pool
@@ -265,6 +266,9 @@ class Compute:
     device: str = "cpu"
     max_batch_tokens: int = 2048
     precision: str = "fp32"
+    # torchrun: DDP and FSDP2 communicate in every forward (FSDP2) and backward, so every rank runs as many chunks
+    # as the busiest one (idle one-token chunks where it has fewer)
+    even_chunks: bool = False
 
 
 @dataclass
@@ -306,7 +310,7 @@ def forward_chunk(model, batch: dict, precision: str, answers: bool, features: b
     from the final hidden states in token chunks (losses.hidden_ce): no [tokens, V] logits of the chunk are kept
     (the fp32 log-probabilities over a 152k vocabulary were most of the 1.5B plan's activations)."""
     device = batch["input_ids"].device
-    parts = split_head(model)
+    parts = split_head(distributed.bare(model))
     with autocast(str(device), precision):
         if parts is None:  # a head that is not a plain projection: the full logits (exact, but memory-hungry)
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -318,8 +322,12 @@ def forward_chunk(model, batch: dict, precision: str, answers: bool, features: b
             hidden = out.hidden_states[-1] if features else None
         else:
             decoder, head = parts
-            hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                             use_cache=False).last_hidden_state
+            if distributed.wrapped(model):  # torchrun: through the root's forward (DDP's and FSDP2's hooks), one logit
+                hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                               output_hidden_states=True, logits_to_keep=1).hidden_states[-1]  # after the final norm
+            else:
+                hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 use_cache=False).last_hidden_state
             ce = hidden_ce(hidden, head.weight, batch["labels"], head.bias)  # ℓ_k = mean_t −log p(x_t+1 | x_≤t)
             al = answer_logits_from_hidden(hidden, head.weight, batch["answer_pos"], head.bias) if answers else None
     pooled = mean_pool(hidden.float(), batch["completion_mask"]) if features else None
@@ -333,10 +341,15 @@ def run_student(model, tokenizer, seqs: list[Encoded], compute: Compute, answers
     positions in seqs), so the caller can run that chunk's backward at once; Run then holds detached values."""
     device = compute.device
     lengths = [len(s.input_ids) for s in seqs]
-    A = max(s.answer_end - s.answer_start for s in seqs)
+    A = max((s.answer_end - s.answer_start for s in seqs), default=0)
     losses, ans, feats = [None] * len(seqs), [None] * len(seqs), [None] * len(seqs)
     padded = 0
-    for idx in length_chunks(lengths, compute.max_batch_tokens):
+    chunks = length_chunks(lengths, compute.max_batch_tokens)
+    idle = None
+    if compute.even_chunks:
+        for _ in range(distributed.max_over_ranks(len(chunks)) - len(chunks)):
+            idle = idle_chunk(model, tokenizer, compute, idle, backward=on_chunk is not None)
+    for idx in chunks:
         batch = {k: v.to(device) for k, v in collate([seqs[i] for i in idx], tokenizer).items()}
         padded += batch["input_ids"].numel()
         ce, al, pooled = forward_chunk(model, batch, compute.precision, answers, features)
@@ -351,6 +364,10 @@ def run_student(model, tokenizer, seqs: list[Encoded], compute: Compute, answers
                 ans[i] = al[r]
             if features:
                 feats[i] = pooled[r]
+    if not seqs:  # a rank with nothing to run here ran idle chunks only
+        return Run(torch.zeros(0, device=device), None, None, None, 0, 0)
+    if idle is not None and on_chunk is None and torch.is_grad_enabled():
+        losses[0] = losses[0] + idle  # + 0: the idle chunks' graphs join the caller's one backward
     amask = None
     if answers:
         amask = torch.zeros(len(seqs), A, dtype=torch.bool, device=device)
@@ -358,6 +375,22 @@ def run_student(model, tokenizer, seqs: list[Encoded], compute: Compute, answers
             amask[i, :s.answer_end - s.answer_start] = True
     return Run(torch.stack(losses), torch.stack(ans) if answers else None, amask,
                torch.stack(feats) if features else None, sum(lengths), padded)
+
+
+def idle_chunk(model, tokenizer, compute: Compute, idle: torch.Tensor | None, backward: bool) -> torch.Tensor | None:
+    """One forward of a single padding token whose output counts 0 (torchrun: a rank with fewer chunks than the
+    busiest one runs these, so that every rank runs the same collectives). With backward, its backward runs now (the
+    caller runs one backward per chunk); else, with gradients on, the zero is added to `idle` to join the caller's
+    backward. -> the running sum of zeros, or None without gradients."""
+    ids = torch.full((1, 1), tokenizer.pad_token_id, device=compute.device)
+    with autocast(str(compute.device), compute.precision):
+        zero = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits.float().sum() * 0.0
+    if not torch.is_grad_enabled():
+        return None
+    if backward:
+        zero.backward()
+        return None
+    return zero if idle is None else idle + zero
 
 
 # -----------------------------------------------------------------------------
@@ -416,14 +449,19 @@ def _remove_checkpoint(path: str) -> None:
 
 def save_checkpoint(out: str, model, tokenizer, trainer_state: dict) -> None:
     """OUT/ckpt/: the student (plain save_pretrained; LoRA merged) and tokenizer, trainer.pt (everything else to
-    resume), complete.json. At every instant of this function one complete checkpoint is on disk."""
+    resume), complete.json. At every instant of this function one complete checkpoint is on disk.
+    torchrun: every rank calls it (FSDP2 gathers the full state dict), rank 0 alone writes."""
+    full = distributed.full_state_dict(model)
+    model = distributed.bare(model)
+    if not distributed.is_main():
+        return
     final, tmp, old = (os.path.join(out, n) for n in CKPT_DIRS)
     _remove_checkpoint(tmp)
     if lora_modules(model):  # the export is plain W + (α/r)·B·A; trainer.pt keeps the adapters for --resume
         model.save_pretrained(tmp, state_dict=merged_state_dict(model))
         trainer_state = {**trainer_state, "lora": lora_state(model)}
     else:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=full)
     tokenizer.save_pretrained(tmp)
     torch.save(trainer_state, os.path.join(tmp, "trainer.pt"))
     with open(os.path.join(tmp, COMPLETE), "w") as f:

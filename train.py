@@ -33,8 +33,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import distributed
 import perspectives
-from eval import (DEFAULT_TASKS, GPQA_HELP, Encoded, HelpFormatter, encode_example, evaluate, evaluate_tasks,
+from eval import (DEFAULT_TASKS, GPQA_HELP, Encoded, HelpFormatter, encode_example, evaluate_tasks,
                   read_questions, task_name, task_path, write_json, write_results)
 from losses import (consistency_loss, consistency_loss_partial, mcc_kl, mcc_kl_partial, meta_loss,
                     weighted_sft)
@@ -93,7 +94,7 @@ def resolve_method(name: str, no_metanet: bool) -> Method:
 # flags a resumed run may change (--resume OUT --steps 2000 extends a run); every other flag is the saved one
 RESUME_FLAGS = {"resume", "steps", "eval_every", "eval_limit", "eval_batch_size", "max_new_tokens", "eval_tasks",
                 "eval_tasks_limit", "eval_data_dir", "gpqa_csv", "save_every", "no_progress", "device",
-                "max_batch_tokens"}
+                "max_batch_tokens", "fsdp"}
 DEVICE_FLAGS = ("device", "precision", "max_batch_tokens")  # saved as given, resolved again on resume
 
 
@@ -230,6 +231,9 @@ def add_training_flags(ap: argparse.ArgumentParser) -> None:
                         "chunk's activations live at a time (same gradients; the JS/MCC terms then cost one more "
                         "forward of the selected rationales without a graph, for their partners' answer logits)")
     g.add_argument("--seed", type=int, default=0, help="seed of everything (data order, init, synthetic world)")
+    g.add_argument("--fsdp", action="store_true",  # torchrun
+                   help="under torchrun: shard the student's weights, gradients and optimizer state across the "
+                        "processes with FSDP2 (full fine-tuning of a model that does not fit one GPU); default DDP")
 
     g = ap.add_argument_group("evaluation and logging")
     g.add_argument("--eval-every", type=int, default=100,
@@ -270,8 +274,9 @@ def flag(dest: str) -> str:
 
 def eval_tasks(flag_value: str | None, student: str, gpqa_csv: str | None) -> list[str]:
     """The benchmarks of --eval-tasks; by default the paper's table for a pretrained student, none for the tiny one."""
-    if flag_value is None:
-        return [] if student == "tiny" else DEFAULT_TASKS.split(",") + (["gpqa_diamond"] if gpqa_csv else [])
+    if flag_value is None:  # torchrun: none (the benchmarks are evaluated in one process, see check_args)
+        return [] if student == "tiny" or distributed.world() > 1 else \
+            DEFAULT_TASKS.split(",") + (["gpqa_diamond"] if gpqa_csv else [])
     return [] if flag_value == "none" else [t for t in flag_value.split(",") if t]
 
 
@@ -295,6 +300,14 @@ def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace, given: set
             ap.error(f"{flag(name)} must be > 0")
     if args.lora_r < 0:
         ap.error(f"--lora-r {args.lora_r}: must be >= 0 (0 = full fine-tuning)")
+    if distributed.world() > 1 and args.batch_size < distributed.world():  # torchrun
+        ap.error(f"--batch-size {args.batch_size}: each of the {distributed.world()} processes needs a question")
+    if distributed.world() > 1 and eval_tasks(args.eval_tasks, args.student, args.gpqa_csv):  # torchrun
+        ap.error("--eval-tasks runs in one process: evaluate OUT/ckpt afterwards with python scripts/paper.py or "
+                 "eval.py, or train without torchrun")
+    if args.fsdp and (distributed.world() == 1 or args.lora_r):  # torchrun
+        ap.error("--fsdp has no effect " + ("with --lora-r (its trainable weights are small: DDP)" if args.lora_r else
+                                            "without torchrun (torchrun --nproc_per_node N train.py --fsdp ...)"))
     if args.lora_r and args.lora_alpha <= 0:
         ap.error(f"--lora-alpha {args.lora_alpha}: must be > 0")
     if not 0.0 <= args.lora_dropout < 1.0:
@@ -632,7 +645,7 @@ def observe_unselected(model, tokenizer, seqs: list[list], sel: tuple, run, unse
     no_grad: the EMA wants them, the student must get no gradient from them. -> (ℓ, real tokens, padded tokens)"""
     seq_losses = torch.zeros(unselected.shape, device=run.losses.device).index_put(sel, run.losses)
     tokens, padded = run.tokens, run.padded
-    if unselected.any():
+    if distributed.any_rank(unselected.any()):  # torchrun: every rank runs it, or none does
         un = unselected.nonzero(as_tuple=True)
         with torch.no_grad():
             r = run_student(model, tokenizer, [seqs[b][k] for b, k in zip(*(t.tolist() for t in un))], compute,
@@ -748,18 +761,21 @@ def train_step(loop: Loop, cfg: StepConfig, step: int, micro_batches: list[list[
     beta = None if cfg.beta is None else scheduled_beta(step, cfg.beta)
     for qs in micro_batches:
         mask = loop.mask[qs]
+        mine = distributed.rows(len(qs))  # torchrun: this process's questions (all of them without torchrun)
         # who is trained on, with what weight: I_q = {k : p_k ≥ β max p}, α = π_τs(s) on I_q (uniform, no MetaNet)
         scores, selected, alpha = loop.mind.plan(None if loop.features is None else loop.features[qs], mask, beta)
         probe_now = cfg.probe_every and step % cfg.probe_every == 0
         unselected = mask & ~selected if probe_now else torch.zeros_like(mask)
         lap("plan")
-        obj = student_objective(loop.model, loop.tokenizer, [loop.seqs[q] for q in qs], selected, alpha, unselected,
-                                loop.compute, cfg.cons_weight, cfg.mcc_weight,
-                                backward_scale=1 / n if cfg.backward_per_chunk else None)
+        w = distributed.loss_weight(len(qs))  # torchrun: its share of the micro-step's mean (1.0 without)
+        obj = student_objective(loop.model, loop.tokenizer, [loop.seqs[q] for q in qs[mine]], selected[mine],
+                                alpha[mine], unselected[mine], loop.compute, cfg.cons_weight, cfg.mcc_weight,
+                                backward_scale=w / n if cfg.backward_per_chunk else None)
         lap("forward")
         if not cfg.backward_per_chunk:
-            (obj.loss / n).backward()
+            (obj.loss * w / n).backward()
         lap("backward")
+        obj = distributed.whole_batch(obj, len(qs))  # torchrun: ℓ[B,K] and the log values of all B questions
         loop.tokens, loop.padded = loop.tokens + obj.tokens, loop.padded + obj.padded
         seen.append((qs, obj.seq_losses, selected | unselected, scores, mask))
         for name in ("sft", "cons", "mcc"):
@@ -780,12 +796,14 @@ def train_step(loop: Loop, cfg: StepConfig, step: int, micro_batches: list[list[
         stats["meta"] = loss_meta.item()
     lap("observe")
     params = [p for p in loop.model.parameters() if p.requires_grad]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item() if cfg.max_grad_norm > 0 \
-        else float("nan")
+    grad_norm = distributed.grad_norm_value(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)) \
+        if cfg.max_grad_norm > 0 else float("nan")
+    distributed.drop_gathered(loop.model)  # torchrun, FSDP2: no gathered copy of old weights outlives the step
     loop.opt.step()
     loop.sched.step()
     loop.opt.zero_grad(set_to_none=True)
     if loop.meta_opt is not None and (step + 1) % cfg.meta_accum == 0:
+        distributed.average_grads(loop.mind.metanet)  # torchrun: equal on every rank already; kept equal whatever
         loop.meta_opt.step()
         loop.meta_opt.zero_grad(set_to_none=True)
     lap("optimizer")
@@ -830,7 +848,8 @@ class Order:
 
 def trainer_state(loop: Loop, order: Order, step: int, args: dict, train_time: float) -> dict:
     metanet = loop.mind.metanet
-    return {"step": step, "epoch": order.epoch, "pos": order.pos, "args": args, "optimizer": loop.opt.state_dict(),
+    return {"step": step, "epoch": order.epoch, "pos": order.pos, "args": args,
+            "optimizer": distributed.optimizer_state_dict(loop.model, loop.opt),  # torchrun: whatever N
             "scheduler": loop.sched.state_dict(), "calibrator": loop.mind.calibrator.state_dict(),
             "metanet": metanet.state_dict() if metanet else None,
             "meta_optimizer": loop.meta_opt.state_dict() if loop.meta_opt else None,
@@ -841,7 +860,7 @@ def trainer_state(loop: Loop, order: Order, step: int, args: dict, train_time: f
 
 def restore(loop: Loop, order: Order, state: dict, device: str) -> float:
     """The joint stage's state from a checkpoint (on any device: tensors were loaded on the CPU). -> train time."""
-    loop.opt.load_state_dict(state["optimizer"])  # moves the AdamW state to the parameters' device
+    distributed.load_optimizer_state_dict(loop.model, loop.opt, state["optimizer"])  # to the parameters' device
     loop.sched.load_state_dict(state["scheduler"])
     loop.mind.calibrator.load_state_dict(state["calibrator"])
     if loop.mind.metanet is not None:
@@ -857,8 +876,8 @@ def restore(loop: Loop, order: Order, state: dict, device: str) -> float:
 
 def run_eval(model, tokenizer, evals: dict, splits: list[str], limit: int | None, max_new_tokens: int,
              batch_size: int, progress: bool) -> dict:
-    return {name: evaluate(model, tokenizer, evals[name][:limit] if limit else evals[name], max_new_tokens,
-                           batch_size, progress=progress, desc=f"eval {name}")[0]
+    return {name: distributed.evaluate(model, tokenizer, evals[name][:limit] if limit else evals[name],  # torchrun: split
+                                       max_new_tokens, batch_size, progress, desc=f"eval {name}")
             for name in splits if name in evals}
 
 
@@ -918,7 +937,8 @@ def stages_1_and_2(model, tokenizer, train: list, seqs: list, mask: torch.Tensor
         print(f"probe: {int(mask.sum())} rationales in {time.time() - t0:.1f}s")
         if method.metanet and args.ta_encoder != "student":
             features = sentence_features(args.ta_encoder, train, mask, args.device, not args.no_progress)
-        atomic_torch_save({"features": features, "l0": l0, "ids": [ex.id for ex in train]}, probe_path)
+        if distributed.is_main():  # torchrun
+            atomic_torch_save({"features": features, "l0": l0, "ids": [ex.id for ex in train]}, probe_path)
         mind.calibrator.update([ex.id for ex in train], l0, mask)  # the probe: the first observation of every (q, k)
     if not method.metanet:
         return None, None, None
@@ -927,7 +947,7 @@ def stages_1_and_2(model, tokenizer, train: list, seqs: list, mask: torch.Tensor
     features = features.to(args.device)
     meta_opt = warmup_metanet(metanet, features, mind.target(l0), mask, 0 if resuming else args.meta_warmup_epochs,
                               args.meta_warmup_lr, args.meta_batch_size, args.meta_tau, args.seed)
-    if not resuming:  # the MetaNet as the joint stage starts, to compare its scores at the start and the end
+    if not resuming and distributed.is_main():  # the MetaNet as the joint stage starts, to compare its scores
         atomic_torch_save(metanet.state_dict(), os.path.join(args.out, "metanet_start.pt"))
     for group in meta_opt.param_groups:
         group["lr"] = args.meta_lr  # the joint stage: 10x slower, the MetaNet's own inertia
@@ -955,9 +975,11 @@ def final_evaluation(model, tokenizer, tasks: list[str], args, evaluate_now, bas
 
 def main(argv=None, on_step=None):
     """on_step(loop, step): called after every optimiser step (scripts/track_loss.py measures the EMA with it)."""
+    distributed.init()  # torchrun: join the process group; else nothing
     ap = build_parser()
     argv = sys.argv[1:] if argv is None else argv
     args, state = parse(ap, argv)
+    args.no_progress = args.no_progress or not distributed.is_main()  # torchrun: rank 0's bars only
     if args.dry_run:
         from scripts.plan_memory import dry_run
         return dry_run(args)
@@ -970,7 +992,7 @@ def main(argv=None, on_step=None):
     for t in tasks:  # a missing benchmark file fails now, not after hours of training
         task_path(t, args.eval_data_dir, args.gpqa_csv)
     resolve_defaults(args, len(train))
-    saved_args = {**vars(args), **device_flags, "resume": None}  # the flags trainer.pt keeps
+    saved_args = {**vars(args), **device_flags, "resume": None, "fsdp": False}  # the flags trainer.pt keeps
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -991,7 +1013,7 @@ def main(argv=None, on_step=None):
     if args.max_new_tokens is None:
         longest = max(len(s.input_ids) - s.prompt_len for row in seqs for s in row if s)
         args.max_new_tokens = min(512, int(1.5 * longest) + 8)
-    compute = Compute(args.device, args.max_batch_tokens, args.precision)
+    compute = Compute(args.device, args.max_batch_tokens, args.precision, even_chunks=distributed.world() > 1)
     describe_run(args, model, seqs, mask)
     base = evaluate_base(model, tokenizer, tasks, args, resuming=state is not None) if tasks else None
     qids = [ex.id for ex in train]
@@ -1003,6 +1025,7 @@ def main(argv=None, on_step=None):
                                                       resuming=state is not None)
 
     # ---- stage 3: joint training
+    model = distributed.wrap(model, args.fsdp)  # torchrun: DDP or FSDP2; else the model itself
     opt = make_optimizer(model, args.lr, args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, args.warmup_steps, args.steps, args.min_lr_ratio))
     loop = Loop(model, tokenizer, opt, sched, seqs, qids, mask.to(args.device),
@@ -1025,7 +1048,8 @@ def main(argv=None, on_step=None):
                "tokens_per_s": loop.tokens / max(train_time, 1e-9), "padding_ratio": loop.padded / max(loop.tokens, 1),
                "train_time_s": train_time, "parameters": n_params, "c": calibrator.c.tolist(),
                "perspectives": perspectives.KEYS}
-    write_json(os.path.join(args.out, "metrics.json"), metrics)
+    if distributed.is_main():  # torchrun
+        write_json(os.path.join(args.out, "metrics.json"), metrics)
     print(f"wrote {os.path.join(args.out, 'metrics.json')}")
     if method.metanet:  # what the Teaching Assistant did: selection, α and c_k over training
         from scripts.plots import plot_run, read_log
@@ -1037,7 +1061,9 @@ def joint_stage(loop: Loop, cfg: StepConfig, order: Order, step: int, train_time
                 evaluate_now, on_step=None) -> float:
     """Stage 3 from `step` to --steps: train_step, the log line, periodic evaluation and checkpoints. -> train time."""
     log_path = os.path.join(args.out, "log.jsonl")
-    if step:
+    if not distributed.is_main():  # torchrun: rank 0 alone writes the log
+        log_path = os.devnull
+    elif step:
         truncate_log(log_path, step)  # steps after the checkpoint are run again
     elif os.path.exists(log_path):
         os.remove(log_path)
@@ -1066,3 +1092,4 @@ def joint_stage(loop: Loop, cfg: StepConfig, order: Order, step: int, train_time
 
 if __name__ == "__main__":
     main()
+    distributed.close()
