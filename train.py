@@ -305,6 +305,8 @@ def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace, given: set
     if distributed.world() > 1 and eval_tasks(args.eval_tasks, args.student, args.gpqa_csv):  # torchrun
         ap.error("--eval-tasks runs in one process: evaluate OUT/ckpt afterwards with python scripts/paper.py or "
                  "eval.py, or train without torchrun")
+    if args.fsdp and args.backward_per_chunk:  # torchrun: gave wrong gradients on CPU (the JS/MCC no-grad pre-pass)
+        ap.error("--fsdp with --backward-per-chunk is not supported yet: use --grad-checkpointing")
     if args.fsdp and (distributed.world() == 1 or args.lora_r):  # torchrun
         ap.error("--fsdp has no effect " + ("with --lora-r (its trainable weights are small: DDP)" if args.lora_r else
                                             "without torchrun (torchrun --nproc_per_node N train.py --fsdp ...)"))
