@@ -13,6 +13,7 @@ import os
 
 import torch
 
+import distributed
 from eval import resolve_model_name
 from perspectives import K
 from student import LoRALinear, apply_lora, resolve_precision
@@ -77,9 +78,14 @@ def layer_activation_bytes(h: int, f: int, kv: int, nh: int, T: int, r: int, ful
     return b
 
 
-def memory_plan(cfg, a, model=None) -> dict:
+def memory_plan(cfg, a, model=None, world: int = 1) -> dict:
     """Bytes of weights, gradients, AdamW state and activations of one step at --batch-size questions ×
-    P rationales × --max-len tokens (every sequence taken at --max-len: the worst case), and the peak."""
+    P rationales × --max-len tokens (every sequence taken at --max-len: the worst case), and the peak.
+    world: torchrun's processes, one per GPU; the plan is then the busiest GPU's: it runs ceil(B/N) of a
+    micro-step's questions; under DDP it holds everything plus DDP's gradient buckets (one more copy of the
+    gradients); under FSDP2 (a.fsdp) weights, gradients and AdamW state are split N ways, plus what is gathered:
+    the root unit (embeddings, final norm, head) for the whole step with its full gradient, and one decoder layer
+    with the next one prefetched and its full gradient."""
     model = model if model is not None else meta_student(cfg, a)
     device = a.device or "cuda"  # a plan is for a GPU unless --device says otherwise
     precision = resolve_precision(a.precision, device)
@@ -89,7 +95,7 @@ def memory_plan(cfg, a, model=None) -> dict:
     nh = cfg.num_attention_heads
     hd = getattr(cfg, "head_dim", None) or h // nh
     kv = (getattr(cfg, "num_key_value_heads", None) or nh) * hd
-    B = a.batch_size
+    B = -(-a.batch_size // world)  # the largest block of a micro-step's questions (distributed.rows)
     Pq = a.plan_perspectives or (1 if a.method == "sft" else K)
     T = a.max_len
     seqs = B * Pq
@@ -109,6 +115,15 @@ def memory_plan(cfg, a, model=None) -> dict:
     weights = 4 * trainable + (c if amp and not full else 4) * (total - trainable)  # fp32 master; bf16 frozen base
     grads = 4 * trainable
     optimizer = 2 * 4 * trainable  # AdamW: exp_avg and exp_avg_sq in fp32
+    fsdp = world > 1 and getattr(a, "fsdp", False)
+    gathered = 0
+    if fsdp:  # full fine-tuning only (train.py refuses --fsdp with --lora-r): every parameter is fp32 and trained
+        layer_params = sum(p.numel() for p in model.get_decoder().layers[0].parameters())
+        root = total - L * layer_params
+        weights, grads, optimizer = weights / world, grads / world, optimizer / world
+        gathered = 4 * 2 * root + 4 * 3 * layer_params
+    elif world > 1:
+        gathered = grads  # DDP's buckets
 
     # activations kept from the forward until the backward, per token...
     layer = layer_activation_bytes(h, f, kv, nh, T, a.lora_r, full, amp, a.attn)
@@ -158,6 +173,8 @@ def memory_plan(cfg, a, model=None) -> dict:
     on_cuda = str(device).startswith("cuda")
     # AdamW's step: the foreach kernels (CUDA) hold one fp32 copy of all of sqrt(v); the per-tensor loop (CPU) one tensor
     opt_tmp = 4 * (trainable if on_cuda else max((p.numel() for p in params if p.requires_grad), default=0))
+    if fsdp:
+        opt_tmp /= world  # each GPU steps its shard
     if a.backward_per_chunk:
         # one chunk's graph at a time (the gradients of the earlier chunks already accumulated), next to the
         # pre-pass's detached answer logits of the whole step (4·A·V per sequence) and the chunk's pairwise share
@@ -176,21 +193,22 @@ def memory_plan(cfg, a, model=None) -> dict:
         grads_live = 0
     # the pairwise term's tensors exist only from its own forward on: not during the chunks' cross-entropy
     activations_before_pairs = activations - kept["pairwise_term"]
+    held = weights + gathered  # what DDP or FSDP2 hold besides the model's own tensors, for the whole step
     phases = {
-        "forward end": weights + optimizer + grads_live + activations_before_pairs + max(fwd, pairwise_peak),
-        "backward start": weights + optimizer + grads_live + activations_before_pairs + max(ce_backward, pairwise_peak),
-        "backward of the last chunk done": weights + optimizer + grads + activations - last_chunk + recompute,
-        "optimizer step": weights + optimizer + grads + opt_tmp,
+        "forward end": held + optimizer + grads_live + activations_before_pairs + max(fwd, pairwise_peak),
+        "backward start": held + optimizer + grads_live + activations_before_pairs + max(ce_backward, pairwise_peak),
+        "backward of the last chunk done": held + optimizer + grads + activations - last_chunk + recompute,
+        "optimizer step": held + optimizer + grads + opt_tmp,
     }
     peak_at = max(phases, key=phases.get)
     peak = phases[peak_at]
     out = {
         "student": a.student, "model_type": cfg.model_type, "device": device, "precision": precision, "attn": a.attn,
-        "grad_checkpointing": ckpt, "lora_r": a.lora_r, "batch_size": B, "perspectives": Pq, "seq_len": T,
+        "grad_checkpointing": ckpt, "lora_r": a.lora_r, "world": world, "fsdp": fsdp, "batch_size_per_gpu": B, "perspectives": Pq, "seq_len": T,
         "max_batch_tokens": a.max_batch_tokens or 8192, "chunks": chunks, "tokens_per_step": tokens,
         "params_total": total, "params_trainable": trainable,
-        "bytes": {"weights": weights, "gradients": grads, "optimizer": optimizer, "activations": int(activations),
-                  "peak": int(peak)},
+        "bytes": {"weights": int(weights), "gradients": int(grads), "optimizer": int(optimizer),
+                  "gathered": int(gathered), "activations": int(activations), "peak": int(peak)},
         "activations": {k: int(v) for k, v in kept.items()},
         "peak_at": peak_at,
     }
@@ -214,7 +232,8 @@ def advise(cfg, args, gpu_gib: float | None) -> list[str]:
     """What train.py prints before the first step: the plan's peak against this GPU's memory (or --plan-gpu-gib),
     and when it does not fit, the first of --grad-checkpointing, --lora-r 16, a smaller --batch-size that fits."""
     gib = gpu_gib or args.plan_gpu_gib
-    plan = lambda **kw: memory_plan(cfg, argparse.Namespace(**{**vars(args), "plan_gpu_gib": gib, **kw}))
+    plan = lambda **kw: memory_plan(cfg, argparse.Namespace(**{**vars(args), "plan_gpu_gib": gib, **kw}),
+                                    world=distributed.world())  # torchrun: the busiest GPU's plan
     p = plan()
     where = f"this GPU's {gib:.0f} GiB" if gpu_gib else f"a {gib:g} GiB GPU (--plan-gpu-gib)"
     lines = [f"memory plan (every rationale --max-len long, scripts/plan_memory.py): peak {p['gib']['peak']} GiB at "
