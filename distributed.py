@@ -159,10 +159,10 @@ def wrap(model: torch.nn.Module, fsdp: bool) -> torch.nn.Module:
         return model
     from torch.nn.parallel import DistributedDataParallel
     cuda = torch.cuda.is_available()
-    # broadcast_buffers off: the rotary tables are constants, and a broadcast in every forward would need every
-    # rank to run the same number of forwards even where no gradient flows
+    # no buffer sync in the forward: the rotary tables are constants, and a broadcast in every forward would need
+    # every rank to run the same number of forwards even where no gradient flows
     return DistributedDataParallel(model, device_ids=[torch.cuda.current_device()] if cuda else None,
-                                   broadcast_buffers=False)
+                                   forward_sync_buffers=False)
 
 
 def bare(model: torch.nn.Module) -> torch.nn.Module:
