@@ -521,8 +521,9 @@ def stage_0(model, tokenizer, corpus: list, keys: list[str], steps: int, batch_s
         sched.step()
         opt.zero_grad(set_to_none=True)
         bar.set_postfix(loss=f"{loss.item():.3f}")
-    os.makedirs(cache, exist_ok=True)
-    atomic_torch_save(model.state_dict(), path)
+    if distributed.is_main():  # torchrun: every rank computed the same student; one writes it
+        os.makedirs(cache, exist_ok=True)
+        atomic_torch_save(model.state_dict(), path)
     print(f"stage 0: {steps} steps of {per_step} rationales ({', '.join(keys)}; the others one per question in "
           f"turn) in {time.time() - t0:.1f}s -> {path}")
 
