@@ -44,8 +44,8 @@ def recorded(argv: list[str], out: str, stop_at: int | None = None) -> None:
     selected, minds = [], []
     plan, observe, save = mind.Mind.plan, mind.Mind.observe, train.save_checkpoint
 
-    def plan_(self, features, mask):
-        out = plan(self, features, mask)
+    def plan_(self, features, mask, beta=None):
+        out = plan(self, features, mask, beta)
         selected.append(out[1].tolist())
         return out
 
@@ -88,12 +88,15 @@ def assert_same_log(got: list[dict], want: list[dict]) -> None:
                                                                        rel=1e-5)
 
 
-def assert_same_state(a: dict, b: dict, exact: bool, metanet_atol: float = 3e-6) -> None:
-    """Two processes' (or two runs') calibrator and MetaNet: bit for bit, or to 1e-5 relative."""
+def assert_same_state(a: dict, b: dict, exact: bool, metanet_atol: float = 3e-5) -> None:
+    """Two processes' (or two runs') calibrator and MetaNet: bit for bit, or to 1e-5 relative. The MetaNet to 3e-5
+    absolute (measured: 1.1e-5 under FSDP2): float-order noise in its gradients becomes AdamW steps of up to a fraction
+    of --meta-lr."""
     close = lambda atol: lambda x, y: torch.allclose(x, y, rtol=1e-5, atol=atol, equal_nan=True)
     same = torch.equal if exact else close(3e-6)
     ca, cb = a["calibrator"], b["calibrator"]
     assert ca["ids"] == cb["ids"] and same(ca["c"], cb["c"]) and same(ca["memory"], cb["memory"])
+    assert same(ca["weight"], cb["weight"])
     assert (a["metanet"] is None) == (b["metanet"] is None)
     for k in a["metanet"] or {}:
         assert (same if exact else close(metanet_atol))(a["metanet"][k], b["metanet"][k]), k
@@ -152,7 +155,9 @@ def test_one_checkpoint_written_by_rank_0_loads_with_plain_transformers(runs):
                                                                   else set())
     one = AutoModelForCausalLM.from_pretrained(d("fsdp-1") + "/ckpt").state_dict()
     two = AutoModelForCausalLM.from_pretrained(d("fsdp-2") + "/ckpt").state_dict()
-    assert one.keys() == two.keys() and all(torch.allclose(one[k], two[k], rtol=1e-4, atol=1e-6) for k in one)
+    # FSDP2's reduce-scatter sums in another order; AdamW turns that into differences of ~1e-6 (measured: 2.7e-6 at
+    # most, on weights of magnitude 0.08), which near-zero entries cannot meet at atol 1e-6
+    assert one.keys() == two.keys() and all(torch.allclose(one[k], two[k], rtol=1e-4, atol=1e-5) for k in one)
     assert stdout.count("eval id:") == len(RUNS) + 1  # the runs that finished, once each: rank 1 prints nothing
 
 
