@@ -109,7 +109,7 @@ def main(argv=None):
     write_json(os.path.join(a.out, "tracking.json"), report)
     lines = [f"`python scripts/track_loss.py {' '.join(sys.argv[1:] if argv is None else argv)}`; the run trains with "
              f"{default}. Mean over {len(rows)} checkpoints (every {a.every} steps, {a.subset} questions x their "
-             f"perspectives); the student's mean loss there fell from {rows[0]['loss_now']:.3f} to "
+             f"perspectives); the student's mean loss there went from {rows[0]['loss_now']:.3f} to "
              f"{rows[-1]['loss_now']:.3f} nats.", "",
              "| rule of L̃ | tracking error (nats) | first half | second half | gain | step change (nats) |",
              "|---|---:|---:|---:|---:|---:|"]
