@@ -338,6 +338,9 @@ def log_summary(path: str, tail: float = 0.1) -> dict:
         return {}
     last = rows[-max(1, int(len(rows) * tail)):]
     return {"sel": float(np.mean([r["sel"] for r in last])),
+            # over the whole run: the curriculum selects most at the start and everything at the end
+            "sel_all": float(np.mean([r["sel"] for r in rows])),
+            "acting": float(np.mean([r["sel"] <= 7 for r in rows])),
             "alpha_entropy": float(np.mean([r["alpha_entropy"] for r in last])),
             "c_first": rows[0]["c"], "c_last": rows[-1]["c"], "alpha_last": rows[-1].get("alpha")}
 
@@ -359,7 +362,8 @@ def collect(out: str, pairs: list[tuple[str, int]]) -> dict:
     return res
 
 
-METRICS = ("id", "ood", "id_strict", "ood_strict", "tokens", "sel", "alpha_entropy", "n_id", "n_ood")
+METRICS = ("id", "ood", "id_strict", "ood_strict", "tokens", "sel", "sel_all", "acting", "alpha_entropy", "n_id",
+           "n_ood")
 
 
 def aggregate(res: dict, best: str | None) -> dict:
@@ -428,26 +432,28 @@ def markdown(agg: dict, a, n_seeds: int, command: str) -> str:
         L += [f"Test questions scored per seed: ID {span(n_id)} (test questions that are also training questions "
               f"are removed), OOD {span(n_ood)}.", ""]
     L += ["Accuracy (%) by greedy generation with flexible answer extraction (strict: only the canonical "
-          "`The answer is X.` line), mean ± sample std over seeds. |I_q| and α entropy: means over the last 10% of "
-          "steps (8 and ln 8 = 2.08 mean every perspective selected with uniform weight); tokens run: real tokens "
+          "`The answer is X.` line), mean ± sample std over seeds. Mean |I_q| over all steps, the fraction of steps "
+          "with mean |I_q| ≤ 7 (acting), and α entropy over the last 10% of steps (8 and ln 8 = 2.08 mean every "
+          "perspective selected with uniform weight); tokens run: real tokens "
           "forwarded per run, with gradient or (MIND's unselected rationales) without. A seed fixes the world and "
           "the initial student, so the paired differences below compare runs on the same data.", ""]
 
     def table(names: list[str]) -> list[str]:
-        t = ["| method | ID acc | OOD acc | ID strict | OOD strict | seeds | tokens run | mean \\|I_q\\| "
-             "| α entropy |",
-             "|---|---|---|---|---|---|---|---|---|"]
+        t = ["| method | ID acc | OOD acc | ID strict | OOD strict | seeds | tokens run | mean \\|I_q\\| | acting "
+             "| α entropy (end) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
         for n in names:
             if n not in rows:
                 t.append(f"| {label(n, agg) if n != 'sft-best' else 'sft, best single perspective'} | not run |"
-                         " | | | | | | |")
+                         " | | | | | | | |")
                 continue
             r = rows[n]
-            sel = f"{r['sel']['mean']:.2f}" if "sel" in r and n != "sft-best" else "—"
+            sel = f"{r['sel_all']['mean']:.2f}" if "sel_all" in r and n != "sft-best" else "—"
+            act = f"{100 * r['acting']['mean']:.0f}%" if "acting" in r and n != "sft-best" else "—"
             ent = f"{r['alpha_entropy']['mean']:.3f}" if "alpha_entropy" in r and n != "sft-best" else "—"
             seeds = f"{len(r['seeds'])}/{n_seeds}"
             t.append(f"| {label(n, agg)} | {pm(r.get('id'))} | {pm(r.get('ood'))} | {pm(r.get('id_strict'))} | "
-                     f"{pm(r.get('ood_strict'))} | {seeds} | {r['tokens']['mean'] / 1e6:.2f}M | {sel} | {ent} |")
+                     f"{pm(r.get('ood_strict'))} | {seeds} | {r['tokens']['mean'] / 1e6:.2f}M | {sel} | {act} | {ent} |")
         return t
 
     maj = agg.get("majority")
