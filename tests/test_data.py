@@ -61,12 +61,18 @@ def test_synthetic_splits_id_vs_ood():
     steps = lambda ex: ex.rationales["formal_symbolic"].count("\nx = ")  # one line per event
     assert {steps(e) for e in splits["train"]} == {1, 2}
     assert {steps(e) for e in splits["test_id"]} <= {1, 2}
-    assert {steps(e) for e in splits["test_ood"]} == {3}
+    assert {steps(e) for e in splits["test_ood"]} == {1, 2}  # the same problems, worded differently
     train_q = {e.question for e in splits["train"]}
     assert not train_q & {e.question for e in splits["test_id"]}
-    # OOD questions use opening and question sentences that training never shows
-    assert all("owns a box" in e.question for e in splits["test_ood"])
-    assert not any("owns a box" in e.question for e in splits["train"])
+    # OOD questions use opening and question sentences that training never shows, and no training sentence
+    first = lambda e: e.question.split(".")[0]
+    ood_openings = {"owns a box", "'s bag"}
+    assert all(any(o in first(e) for o in ood_openings) for e in splits["test_ood"])
+    assert not any(o in e.question for o in ood_openings for e in splits["train"])
+    assert all("ends up with?" in e.question or "are left with" in e.question for e in splits["test_ood"])
+    assert not any("ends up with" in e.question or "are left with" in e.question for e in splits["train"])
+    # stage 0's stream: one event each
+    assert {steps(e) for e in P.synthetic_examples(50, 0, "pretrain")} == {1}
 
 
 def test_synthetic_styles_differ_in_length():
