@@ -161,7 +161,7 @@ def test_end_to_end_tiny_then_resume_skips(tmp_path, monkeypatch):
         assert (tmp_path / png).stat().st_size > 0
     monkeypatch.setattr(reproduce, "launch", lambda *a, **k: pytest.fail("a finished run was launched again"))
     rep2 = reproduce.main(args)
-    assert rep2["rows"]["mind"]["id"] == rep["rows"]["mind"]["id"]
+    assert rep2["rows"]["mind"]["id"]["values"] == rep["rows"]["mind"]["id"]["values"]
     # the MetaNet's probabilities: rows sum to 1 over the present perspectives; the start is the saved MetaNet
     pr = plots.metanet_probs(str(tmp_path / "runs" / "mind" / "0"))
     assert pr["start_source"] == "MetaNet after warm-up"
@@ -190,7 +190,7 @@ def test_bench_smoke(tmp_path):
                       "--reps", "1", "--warmup", "0", "--chunk-reps", "1", "--chunks", "64,1000000",
                       "--max-batch-tokens", "64", "--json", str(tmp_path / "b.json")])
     assert out["steps"]["mind β=0"]["sel"] == P.K  # β = 0 keeps every perspective
-    assert out["steps"]["mind β=1"]["sel"] == 1  # β = 1 keeps the arg-max only
+    assert out["steps"]["mind β=1"]["sel"] == 2  # β = 1 keeps the arg-max and the next best (--min-selected 2)
     assert out["steps"]["sft-all"]["ratio"] == 1.0
     assert out["padding"]["64"]["padding_ratio"] <= out["padding"]["1000000"]["padding_ratio"]
     assert out["padding"]["64"]["padding_ratio"] >= 1.0
