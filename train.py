@@ -1054,7 +1054,7 @@ def main(argv=None, on_step=None):
     if distributed.is_main():  # torchrun
         write_json(os.path.join(args.out, "metrics.json"), metrics)
     print(f"wrote {os.path.join(args.out, 'metrics.json')}")
-    if method.metanet:  # what the Teaching Assistant did: selection, α and c_k over training
+    if method.metanet and distributed.is_main():  # what the Teaching Assistant did: selection, α and c_k over training
         from scripts.plots import plot_run, read_log
         print(f"wrote {plot_run(read_log(os.path.join(args.out, 'log.jsonl')), os.path.join(args.out, 'mind.png'))}")
     return metrics
