@@ -147,6 +147,27 @@ def padding_ratio(lengths_per_step: list[list[int]], max_tokens: int) -> float:
     return padded / real
 
 
+def load_data(data_arg: str, batch_size: int, hidden: int, layers: int, heads: int, vocab: int, max_len: int,
+              seed: int):
+    """The benchmark's questions (all 8 perspectives where the data has them), the tiny student built on them, and
+    every (question, perspective) tokenised once, as train.py does. -> (data, model, tokenizer, mask[Q,K], seqs, qids)
+    (scripts/bench_trl.py measures on the same)"""
+    if data_arg == "synthetic":
+        data = P.synthetic_splits(200, 1, seed)["train"]
+    elif not os.path.exists(data_arg):
+        raise SystemExit(f"error: --data {data_arg}: no such file")
+    else:
+        data = P.read_training_jsonl(data_arg)
+    data = [ex for ex in data if len(ex.rationales) == P.K] or data
+    if len(data) < batch_size:
+        raise SystemExit(f"error: --data {data_arg}: {len(data)} questions, fewer than --batch-size {batch_size}")
+    model, tok = student.build_tiny_student(data, hidden, layers, heads, vocab, max_len, seed)
+    mask_all = torch.tensor([[k in ex.rationales for k in P.KEYS] for ex in data])
+    seqs = [[encode_example(tok, ex.question, ex.rationales[k], ex.answer, max_len=max_len)
+             if k in ex.rationales else None for k in P.KEYS] for ex in data]
+    return data, model, tok, mask_all, seqs, [ex.id for ex in data]
+
+
 def main(argv=None):
     ap = build_parser()
     a = ap.parse_args(argv)
@@ -163,38 +184,20 @@ def main(argv=None):
     torch.manual_seed(a.seed)
 
     # ---- data, model, every (question, perspective) tokenised once: what train.py does
-    if a.data == "synthetic":
-        data = P.synthetic_splits(200, 1, a.seed)["train"]
-    elif not os.path.exists(a.data):
-        raise SystemExit(f"error: --data {a.data}: no such file")
-    else:
-        data = P.read_training_jsonl(a.data)
-    data = [ex for ex in data if len(ex.rationales) == P.K] or data
-    if len(data) < a.batch_size:
-        raise SystemExit(f"error: --data {a.data}: {len(data)} questions, fewer than --batch-size {a.batch_size}")
-    model, tok = student.build_tiny_student(data, a.hidden, a.layers, a.heads, a.vocab, a.max_len, a.seed)
+    data, model, tok, mask_all, seqs, qids = load_data(a.data, a.batch_size, a.hidden, a.layers, a.heads, a.vocab,
+                                                       a.max_len, a.seed)
     n_params = sum(p.numel() for p in model.parameters())
-    mask_all = torch.tensor([[k in ex.rationales for k in P.KEYS] for ex in data])
-    seqs = [[encode_example(tok, ex.question, ex.rationales[k], ex.answer, max_len=a.max_len)
-             if k in ex.rationales else None for k in P.KEYS] for ex in data]
-    qids = [ex.id for ex in data]
     lens = [len(s.input_ids) for row in seqs for s in row if s]
     print(f"student: {a.layers} layers x {a.hidden} wide, {n_params / 1e6:.2f}M parameters; {len(data)} questions x "
           f"{P.K} perspectives from {os.path.relpath(a.data, REPO) if a.data != 'synthetic' else 'synthetic'}; "
           f"sequence length mean {statistics.mean(lens):.0f}, max {max(lens)} tokens (--max-len {a.max_len}); "
           f"{a.batch_size} questions x {P.K} rationales per step; {torch.get_num_threads()} thread(s)")
 
-    # ---- the MetaNet's features: the probe pass of train.py (mean-pooled hidden states of the initial student)
-    flat = [(q, k) for q in range(len(data)) for k in range(P.K) if mask_all[q, k]]
+    # ---- the MetaNet's features: train.py's probe pass (mean-pooled hidden states of the initial student)
     t0 = time.perf_counter()
-    with torch.no_grad():
-        r = student.run_student(model.eval(), tok, [seqs[q][k] for q, k in flat],
-                                student.Compute("cpu", a.max_batch_tokens), answers=False, features=True)
-    model.train()
+    features = train.probe(model, tok, seqs, mask_all, student.Compute("cpu", a.max_batch_tokens), features=True,
+                           progress=False)[1]
     t_probe = time.perf_counter() - t0
-    features = torch.zeros(len(data), P.K, r.features.size(1))
-    for n, (q, k) in enumerate(flat):
-        features[q, k] = r.features[n]
 
     data_args = (seqs, qids, mask_all)
 
@@ -227,7 +230,7 @@ def main(argv=None):
     print(f"\n1. time per optimiser step (median of {a.reps}, chunks of <= {mbt} padded tokens)\n")
     print(f"{'method':<10} {'step s':>8} {'vs sft-all':>10} {'|I_q|':>6} {'tokens/s':>9}   phases: plan / forward / "
           f"backward / EMA+meta / optimizer (s)")
-    out = {"config": vars(a), "parameters": n_params, "probe_s_per_rationale": t_probe / len(flat), "steps": {}}
+    out = {"config": vars(a), "parameters": n_params, "probe_s_per_rationale": t_probe / int(mask_all.sum()), "steps": {}}
     for t in trainers:
         s = med(t.name, "total")
         tok_s = sum(r["tokens"] for r in times[t.name]) / sum(r["total"] for r in times[t.name])
@@ -236,7 +239,7 @@ def main(argv=None):
         print(f"{t.name:<10} {s:>8.3f} {s / ref:>10.3f} {sel:>6.2f} {tok_s:>9.0f}   "
               + " / ".join(f"{v:.3f}" for v in ph.values()))
         out["steps"][t.name] = {"step_s": s, "ratio": s / ref, "sel": sel, "tokens_per_s": tok_s, "phases": ph}
-    print(f"\nprobe pass (once per run, MIND only): {1e3 * t_probe / len(flat):.2f} ms per rationale, no grad")
+    print(f"\nprobe pass (once per run, MIND only): {1e3 * t_probe / int(mask_all.sum()):.2f} ms per rationale, no grad")
 
     # ---- 2. padding vs chunk size: the lengths of 200 random steps; sft-all's step time at each size
     lsteps = [[len(seqs[q][k].input_ids) for q in gen.sample(range(len(data)), a.batch_size) for k in range(P.K)

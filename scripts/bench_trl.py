@@ -68,7 +68,7 @@ import bench  # noqa: E402
 import perspectives as P  # noqa: E402
 import student  # noqa: E402
 import train  # noqa: E402
-from eval import collate, encode_example, write_json  # noqa: E402
+from eval import collate, write_json  # noqa: E402
 from measure_memory import allocator_peak  # noqa: E402
 
 DEMO = os.path.join(REPO, "data", "demo_perspectives.jsonl")
@@ -319,20 +319,8 @@ def main(argv=None):
     torch.set_num_threads(a.threads)
 
     # ---- data, model (one init for every system), every (question, perspective) tokenised once: train.py's way
-    if a.data == "synthetic":
-        data = P.synthetic_splits(200, 1, a.seed)["train"]
-    elif not os.path.exists(a.data):
-        raise SystemExit(f"error: --data {a.data}: no such file")
-    else:
-        data = P.read_training_jsonl(a.data)
-    data = [ex for ex in data if len(ex.rationales) == P.K] or data
-    if len(data) < a.batch_size:
-        raise SystemExit(f"error: --data {a.data}: {len(data)} questions, fewer than --batch-size {a.batch_size}")
-    model, tok = student.build_tiny_student(data, a.hidden, a.layers, a.heads, a.vocab, a.max_len, a.seed)
-    mask_all = torch.tensor([[k in ex.rationales for k in P.KEYS] for ex in data])
-    seqs = [[encode_example(tok, ex.question, ex.rationales[k], ex.answer, max_len=a.max_len)
-             if k in ex.rationales else None for k in P.KEYS] for ex in data]
-    qids = [ex.id for ex in data]
+    data, model, tok, mask_all, seqs, qids = bench.load_data(a.data, a.batch_size, a.hidden, a.layers, a.heads,
+                                                             a.vocab, a.max_len, a.seed)
     order = train.Order(len(data), a.seed)
     steps = [order.take(a.batch_size) for _ in range(max(a.steps, a.memory_steps))]  # train.py's data order
     # TRL reads a fixed number of rows per step: every step must hold the same number of sequences (B x 8, which
@@ -344,13 +332,8 @@ def main(argv=None):
     features = None
     if any(OURS.get(s, ("",))[0] == "mind" for s in systems):
         # the MetaNet's features: train.py's probe pass (mean-pooled hidden states of the initial student)
-        flat = [(q, k) for q in range(len(data)) for k in range(P.K) if mask_all[q, k]]
-        with torch.no_grad():
-            r = student.run_student(model.eval(), tok, [seqs[q][k] for q, k in flat],
-                                    student.Compute("cpu", a.max_batch_tokens), answers=False, features=True)
-        features = torch.zeros(len(data), P.K, r.features.size(1))
-        for n, (q, k) in enumerate(flat):
-            features[q, k] = r.features[n]
+        features = train.probe(model, tok, seqs, mask_all, student.Compute("cpu", a.max_batch_tokens), features=True,
+                               progress=False)[1]
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
