@@ -346,8 +346,9 @@ def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace, given: set
         unused["gpqa_csv"] = "--eval-tasks without gpqa_diamond"
     if not args.eval_every:
         unused["eval_limit"] = "--eval-every 0"
-    if args.select_beta == 0:
-        unused["select_beta_end"] = "--select-beta 0 (nothing is dropped whatever β's schedule)"
+    if args.select_beta == 0:  # nothing is dropped: no schedule, temperature or floor of the threshold matters
+        unused.update({f: "--select-beta 0 (nothing is dropped)" for f in ("select_beta_end", "select_tau",
+                                                                            "min_selected")})
     world = "the synthetic world's tiny student"
     if args.student != "tiny" or args.data:
         unused.update({f: f"--student {args.student}" + (f" --data {args.data}" if args.data else "") +

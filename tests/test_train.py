@@ -267,6 +267,7 @@ def test_calibrator_trend_advances_once_per_optimiser_step(tmp_path):
 @pytest.mark.parametrize("argv, named", [
     (["--method", "mcc", "--cons-weight", "5"], "--cons-weight"),
     (["--method", "sft-all", "--trend-weight", "0"], "--trend-weight"),
+    (["--select-beta", "0", "--select-tau", "0.5"], "--select-tau"),
     (["--method", "mcc", "--inertia-rule", "seeded"], "--inertia-rule"),
     (["--data", "data/demo_perspectives.jsonl", "--pretrain-steps", "5"], "--pretrain-steps"),
     (["--pretrain-steps", "0", "--pretrain-perspectives", "analogy"], "--pretrain-perspectives"),
